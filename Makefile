@@ -1,0 +1,28 @@
+# Every target creates or reuses the project virtualenv; it is reinstalled only when
+# pyproject.toml changes (the stamp file records the last install).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+WORKDIR ?= workdirs/quickstart
+TEST_WORKERS ?= 2
+
+.PHONY: quickstart test bench clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+quickstart: $(STAMP)
+	$(PY) -m distill.quickstart --workdir=$(WORKDIR)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15 tests
+
+bench: $(STAMP)
+	$(PY) -m distill.bench
+
+clean-venv:
+	rm -rf $(VENV)
