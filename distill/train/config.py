@@ -1,0 +1,125 @@
+"""The schema every experiment config starts from, and its validation.
+
+Experiment files in configs/ call `base_config()` and change fields; the returned
+ConfigDict is locked, so a misspelled key fails at once with the close matches named
+(ml_collections does this for both config files and `--config.a.b=value` overrides).
+"""
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 1000
+  c.checkpoint_steps = 200      # save every N steps (and at the end)
+  c.keep_checkpoints = 2
+  c.log_steps = 50
+  c.eval_steps = 0              # evaluate every N steps; 0: only at the end
+
+  # What is trained: 'teacher' fits the teacher to ground truth (cross-entropy);
+  # 'student' distils from a teacher checkpoint (or trains on ground truth when
+  # loss.kd_weight == 0 and no teacher is given).
+  c.role = 'student'
+
+  c.task = ml_collections.ConfigDict()
+  c.task.name = 'arithmetic'
+  c.task.kwargs = ml_collections.ConfigDict(type_safe=False)
+  c.task.prompt_len = 16
+  c.task.completion_len = 48
+
+  c.data = ml_collections.ConfigDict()
+  c.data.batch_size = 32
+  c.data.eval_batch_size = 64
+  c.data.eval_examples = 256
+
+  c.model = ml_collections.ConfigDict()
+  c.model.preset = 'student-500k'
+  c.model.overrides = ml_collections.ConfigDict(type_safe=False)
+
+  c.teacher = ml_collections.ConfigDict()
+  c.teacher.checkpoint = ''     # a workdir of a finished role='teacher' run
+  c.teacher.preset = ''         # must match the checkpoint's preset when given
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.divergence = 'forward_kl'
+  c.loss.kd_weight = 1.0
+  c.loss.ce_weight = 0.0
+  c.loss.temperature = 1.0
+  c.loss.temperature_squared_scale = False
+  c.loss.hparams = ml_collections.ConfigDict(type_safe=False)  # e.g. beta, alpha
+  c.loss.chunk_size = 0         # >0: memory-flat chunked loss over this many tokens
+  c.loss.reduction = 'token_mean'
+
+  c.algorithm = ml_collections.ConfigDict()
+  c.algorithm.name = 'supervised'
+  c.algorithm.kwargs = ml_collections.ConfigDict(type_safe=False)
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = 1e-3
+  c.optimizer.warmup_steps = 50
+  c.optimizer.final_lr_fraction = 0.1
+  c.optimizer.weight_decay = 0.01
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.98
+  c.optimizer.clip_norm = 1.0
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.generate = True        # greedy decoding for task accuracy
+  c.eval.max_batches = 4
+
+  c.wandb = ml_collections.ConfigDict()
+  c.wandb.mode = 'auto'         # auto: online with an API key, else offline; or 'disabled'
+  c.wandb.project = 'distill'
+  c.wandb.group = ''
+  c.wandb.name = ''
+
+  c.progress_bar = True
+  c.lock()
+  return c
+
+
+def validate(config, *, model_max_seq_len: int | None = None, data_parallel: int | None = None):
+  """Checks values that would otherwise fail late (inside compilation) or silently."""
+  def positive(name, value):
+    if not value > 0:
+      raise ValueError(f'config.{name} must be positive, got {value!r}')
+
+  positive('total_steps', config.total_steps)
+  positive('checkpoint_steps', config.checkpoint_steps)
+  positive('log_steps', config.log_steps)
+  positive('data.batch_size', config.data.batch_size)
+  positive('data.eval_batch_size', config.data.eval_batch_size)
+  positive('optimizer.learning_rate', config.optimizer.learning_rate)
+  positive('task.prompt_len', config.task.prompt_len)
+  positive('task.completion_len', config.task.completion_len)
+  positive('loss.temperature', config.loss.temperature)
+  if config.eval_steps < 0:
+    raise ValueError(f'config.eval_steps must be >= 0, got {config.eval_steps}')
+  if config.optimizer.warmup_steps < 0:
+    raise ValueError(f'config.optimizer.warmup_steps must be >= 0, got {config.optimizer.warmup_steps}')
+  if config.role not in ('teacher', 'student'):
+    raise ValueError(f"config.role must be 'teacher' or 'student', got {config.role!r}")
+  if config.loss.reduction not in ('token_mean', 'sequence_mean', 'sum'):
+    raise ValueError(f'config.loss.reduction: unknown {config.loss.reduction!r}; '
+                     "valid: 'token_mean', 'sequence_mean', 'sum'")
+  if config.loss.kd_weight < 0 or config.loss.ce_weight < 0:
+    raise ValueError('config.loss.kd_weight and ce_weight must be >= 0')
+  if config.role == 'student' and config.loss.kd_weight > 0 and not config.teacher.checkpoint:
+    raise ValueError('config.loss.kd_weight > 0 needs a teacher: set config.teacher.checkpoint '
+                     'to the workdir of a finished teacher run')
+  seq_len = config.task.prompt_len + config.task.completion_len
+  if model_max_seq_len is not None and seq_len > model_max_seq_len:
+    raise ValueError(f'sequence length task.prompt_len + task.completion_len = {seq_len} exceeds '
+                     f"the model's max_seq_len {model_max_seq_len}")
+  if data_parallel is not None:
+    for name in ('batch_size', 'eval_batch_size'):
+      if config.data[name] % data_parallel:
+        raise ValueError(f'config.data.{name}={config.data[name]} is not divisible by the '
+                         f'data-parallel size {data_parallel} (mesh data x fsdp)')

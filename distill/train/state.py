@@ -1,0 +1,85 @@
+"""The train state and its sharded creation.
+
+The state is a plain dict pytree so that Orbax, optax and jit treat it uniformly:
+  {'step': int32, 'rng': key data, 'params': nnx.State, 'opt_state': optax state,
+   'algo': algorithm state (replay buffers, schedules; {} when none)}
+The teacher is not part of it: it is a frozen input of the step, never checkpointed.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, PartitionSpec as P
+
+from distill.models import ModelConfig, Transformer
+from distill.parallel import mesh as mesh_lib
+
+
+def abstract_model(model_config: ModelConfig):
+  """(graphdef, abstract params) without allocating any weights."""
+  return nnx.split(nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(0))))
+
+
+def param_shardings(abstract_params, mesh: Mesh, rules=mesh_lib.DEFAULT_RULES):
+  """NamedShardings for params from the logical axis names the model attached."""
+  logical = nnx.get_partition_spec(abstract_params)
+  return jax.tree.map(
+      lambda leaf, spec: mesh_lib.named_sharding(leaf.shape, spec, mesh, rules),
+      abstract_params, logical,
+      is_leaf=lambda x: isinstance(x, P))
+
+
+def _init_params(model_config: ModelConfig, rng):
+  return nnx.split(Transformer(model_config, rngs=nnx.Rngs(params=rng)))[1]
+
+
+def init_params(model_config: ModelConfig, rng, mesh: Mesh):
+  """Creates params directly in their shardings (never whole on one device)."""
+  _, abstract = abstract_model(model_config)
+  shardings = param_shardings(abstract, mesh)
+  return jax.jit(_init_params, static_argnums=0, out_shardings=shardings)(model_config, rng)
+
+
+def state_shardings(abstract_state, params_sharding, mesh: Mesh):
+  """Optimiser moments follow their params; everything else is replicated."""
+  replicated = mesh_lib.replicated(mesh)
+  param_struct = jax.tree.structure(params_sharding)
+
+  def for_subtree(subtree):
+    # optax states hold params-shaped subtrees (mu, nu) next to scalars (count).
+    if jax.tree.structure(subtree) == param_struct:
+      return params_sharding
+    return None
+
+  opt_sharding = jax.tree.map(
+      lambda sub: for_subtree(sub),
+      abstract_state['opt_state'],
+      is_leaf=lambda x: jax.tree.structure(x) == param_struct)
+  opt_sharding = jax.tree.map(lambda s: replicated if s is None else s, opt_sharding,
+                              is_leaf=lambda x: x is None)
+  out = {k: jax.tree.map(lambda _: replicated, v) for k, v in abstract_state.items()}
+  out['params'] = params_sharding
+  out['opt_state'] = opt_sharding
+  return out
+
+
+def create_train_state(model_config: ModelConfig, optimizer: optax.GradientTransformation,
+                       rng, mesh: Mesh, algo_state_fn: Callable[[], Any] = dict):
+  """Returns (state, shardings, graphdef); the state lives in its shardings."""
+  graphdef, abstract_params = abstract_model(model_config)
+  params_sharding = param_shardings(abstract_params, mesh)
+  init_rng, train_rng = jax.random.split(rng)
+
+  def init(init_rng, train_rng):
+    params = _init_params(model_config, init_rng)
+    return {'step': jnp.zeros((), jnp.int32), 'rng': train_rng, 'params': params,
+            'opt_state': optimizer.init(params), 'algo': algo_state_fn()}
+
+  abstract_state = jax.eval_shape(init, init_rng, train_rng)
+  shardings = state_shardings(abstract_state, params_sharding, mesh)
+  state = jax.jit(init, out_shardings=shardings)(init_rng, train_rng)
+  return state, shardings, graphdef
