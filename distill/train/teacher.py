@@ -1,0 +1,40 @@
+"""Runs hand their final params to later runs (a teacher to its students) through
+`workdir/model.json` + `workdir/params/`; this module writes and reads that pair."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+from jax.sharding import Mesh
+
+from distill.models import ModelConfig
+from distill.train import checkpoint, state as state_lib
+
+MODEL_FILE = 'model.json'
+PARAMS_DIR = 'params'
+
+
+def export_final(workdir: str, model_config: ModelConfig, params):
+  checkpoint.save_params(os.path.join(workdir, PARAMS_DIR), params)
+  with open(os.path.join(workdir, MODEL_FILE), 'w') as f:
+    json.dump(dataclasses.asdict(model_config), f, indent=1)
+
+
+def has_export(workdir: str) -> bool:
+  return (os.path.exists(os.path.join(workdir, MODEL_FILE)) and
+          os.path.isdir(os.path.join(workdir, PARAMS_DIR)))
+
+
+def load_exported(workdir: str, mesh: Mesh):
+  """(graphdef, params, model_config) of a finished run, sharded onto `mesh`."""
+  if not has_export(workdir):
+    raise FileNotFoundError(
+        f'no finished run in {workdir!r}: expected {MODEL_FILE} and {PARAMS_DIR}/ there. '
+        'Train the teacher first (role=teacher) and point teacher.checkpoint at its workdir.')
+  with open(os.path.join(workdir, MODEL_FILE)) as f:
+    model_config = ModelConfig(**json.load(f))
+  graphdef, abstract = state_lib.abstract_model(model_config)
+  shardings = state_lib.param_shardings(abstract, mesh)
+  params = checkpoint.load_params(os.path.join(workdir, PARAMS_DIR), abstract, shardings)
+  return graphdef, params, model_config
