@@ -41,10 +41,9 @@ def _eval_batch(student_graphdef, teacher_graphdef, student_params, teacher_para
 
 def eval_batches(run) -> list[dict]:
   c = run.config
-  it = pipeline.make_iterator(
-      run.task, run.tokenizer, split='eval', batch_size=c.data.eval_batch_size,
-      prompt_len=c.task.prompt_len, completion_len=c.task.completion_len, seed=c.seed,
-      shuffle=False, num_epochs=1)
+  it = pipeline.make_eval_iterator(
+      run.task, run.tokenizer, batch_size=c.data.eval_batch_size,
+      prompt_len=c.task.prompt_len, completion_len=c.task.completion_len)
   return [b for _, b in zip(range(c.eval.max_batches), it)]
 
 

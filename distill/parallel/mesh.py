@@ -29,7 +29,11 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 
 
 def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
-  """Resolves the configured axis sizes; one axis may be -1 ('all remaining devices')."""
+  """Resolves the configured axis sizes; one axis may be -1 ('all remaining devices').
+
+  Sizes whose product is below the device count (none -1) select a prefix of the
+  devices, e.g. data=1 for a single-device run on a multi-device host.
+  """
   sizes = [int(mesh_config.get(axis, 1)) for axis in MESH_AXES]
   unknown = set(mesh_config.keys()) - set(MESH_AXES)
   if unknown:
@@ -43,7 +47,7 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
     if num_devices % fixed:
       raise ValueError(f'mesh: {num_devices} devices do not divide into fixed axes of size {fixed}')
     sizes[sizes.index(-1)] = num_devices // fixed
-  if int(np.prod(sizes)) != num_devices:
+  if int(np.prod(sizes)) > num_devices:
     raise ValueError(
         f'mesh: axes {dict(zip(MESH_AXES, sizes))} need {int(np.prod(sizes))} devices, '
         f'but {num_devices} are available')
@@ -51,9 +55,11 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
 
 
 def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A mesh over all devices; fully explicit sizes may use only the first N of them."""
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(mesh_config, len(devices))
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+  used = devices[:int(np.prod(shape))]
+  return Mesh(np.asarray(used).reshape(shape), MESH_AXES)
 
 
 def data_parallel_size(mesh: Mesh) -> int:

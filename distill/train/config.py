@@ -32,7 +32,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.batch_size = 32
   c.data.eval_batch_size = 64
-  c.data.eval_examples = 256
 
   c.model = ml_collections.ConfigDict()
   c.model.preset = 'student-500k'
@@ -72,7 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.generate = True        # greedy decoding for task accuracy
-  c.eval.max_batches = 4
+  c.eval.max_batches = 4        # eval batches of data.eval_batch_size rows
 
   c.wandb = ml_collections.ConfigDict()
   c.wandb.mode = 'auto'         # auto: online with an API key, else offline; or 'disabled'
@@ -123,3 +122,27 @@ def validate(config, *, model_max_seq_len: int | None = None, data_parallel: int
       if config.data[name] % data_parallel:
         raise ValueError(f'config.data.{name}={config.data[name]} is not divisible by the '
                          f'data-parallel size {data_parallel} (mesh data x fsdp)')
+
+
+def parse_options(arg: str | None, allowed: dict[str, str]) -> set[str]:
+  """Splits a config file's ARG ('small,scratch') and rejects unknown options by name."""
+  options = {o for o in (arg or '').split(',') if o}
+  unknown = options - set(allowed)
+  if unknown:
+    described = '; '.join(f'{k}: {v}' for k, v in allowed.items())
+    raise ValueError(f'unknown config option(s) {sorted(unknown)}; valid: {described}')
+  return options
+
+
+def make_small(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The 'small' mode shared by experiment configs: tiny model, a few steps, seconds on CPU."""
+  c.model.preset = 'tiny'
+  c.data.batch_size = 16
+  c.data.eval_batch_size = 16
+  c.eval.max_batches = 1
+  c.total_steps = 6
+  c.checkpoint_steps = 3
+  c.log_steps = 2
+  c.optimizer.warmup_steps = 2
+  c.progress_bar = False
+  return c

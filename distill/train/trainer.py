@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import time
 from typing import Any
 
@@ -28,6 +29,9 @@ from distill.train import optimizer as opt_lib
 from distill.train import state as state_lib
 from distill.train import step as step_lib
 from distill.train import teacher as teacher_lib
+
+
+_KILL_AT_STEP = int(os.environ.get('DISTILL_KILL_AT_STEP', '0'))
 
 
 @dataclasses.dataclass
@@ -161,6 +165,8 @@ def train(config, workdir: str) -> dict:
       state = algorithm.after_eval(state, eval_metrics)
     if is_checkpoint:
       checkpointer.save(step, state, batches.get_state())
+    if step == _KILL_AT_STEP:   # fault injection for the resume tests (a crash, not an exit)
+      os.kill(os.getpid(), signal.SIGKILL)
   checkpointer.close()
   progress.close()
 

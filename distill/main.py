@@ -1,0 +1,48 @@
+"""Command line: `python -m distill.main --config=configs/NAME.py[:ARG] --workdir=DIR`.
+
+Any config field can be overridden with `--config.a.b=value`. Starting the same command
+again resumes from the workdir's last checkpoint. On several hosts, start the same
+command on each with --coordinator_address, --num_processes and --process_id.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes (hosts).')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process (0 .. num_processes-1).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+USER_ERRORS = (AttributeError, KeyError, ValueError, FileNotFoundError)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if _COORDINATOR.value:
+    import jax
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  from distill.train import trainer
+  trainer.train(_CONFIG.value, _WORKDIR.value)
+
+
+def run():
+  try:
+    app.run(main)
+  except USER_ERRORS as e:
+    if os.environ.get('DISTILL_TRACEBACK'):
+      raise
+    # Config and input errors are for the user to fix: the message, not a traceback.
+    print(f'error: {e.args[0] if e.args else e}\n(set DISTILL_TRACEBACK=1 for the traceback)',
+          file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  run()
