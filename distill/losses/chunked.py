@@ -1,0 +1,149 @@
+"""The token loss straight from final hidden states, in chunks: memory flat in B·T·V.
+
+    chunked_loss(student_h_BxTxD, student_W_DxV, teacher_h_BxTxD, teacher_W_DxV,
+                 targets_BxT, mask_BxT, token_fn, *, chunk_size=1024) -> (loss_sum, token_count)
+    plain_loss(... same, no chunk_size ...)                           -> (loss_sum, token_count)
+
+`plain_loss` is the readable reference (full [B·T, V] logits); `chunked_loss` computes the
+same value and the same gradient without ever holding more than one chunk's logits:
+tokens are flattened and padded to a multiple of the chunk size (padding has weight 0) and
+a `lax.scan` walks the chunks. Its `custom_vjp` forward computes, per chunk, the loss *and*
+its gradient with respect to the chunk's student hidden states and the student projection
+(accumulated), so the backward pass only scales those stored [N, D] and [D, V] arrays by
+the incoming cotangent; no logits are stored for it. Chunks whose weights are all zero
+(prompt, padding) are skipped with `lax.cond`.
+
+mask_BxT holds 0/1 or non-negative weights (e.g. `reductions.token_weights`):
+loss_sum = Σ w·ℓ and token_count = Σ w. Gradients flow to student_h and student_W only;
+the teacher inputs are constants (stop_gradient). teacher_h/teacher_W may be None when the
+token_fn needs no teacher (pure CE). `vocab_size` < V marks the projection's padding
+columns: their logits become −inf in both models.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from distill.losses.objective import TokenFn
+
+
+def _logits(h_NxD, w_DxV, vocab_size):
+  logits = jnp.einsum('nd,dv->nv', h_NxD, w_DxV, preferred_element_type=jnp.float32)
+  if vocab_size is not None and vocab_size < logits.shape[-1]:
+    logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf)
+  return logits
+
+
+def _weighted_sum(token_fn, vocab_size, student_h, student_w, teacher_h, teacher_w,
+                  targets, weights):
+  """Σ w·ℓ over a flat [N] block of tokens; the unit both forms evaluate."""
+  student_logits = _logits(student_h, student_w, vocab_size)
+  teacher_logits = None if teacher_h is None else _logits(teacher_h, teacher_w, vocab_size)
+  per_token = token_fn(student_logits, teacher_logits, targets)
+  return jnp.sum(jnp.where(weights != 0, weights * per_token, 0.0))
+
+
+def _flatten(student_h, student_w, teacher_h, teacher_w, targets, mask, vocab_size):
+  """Checks shapes; returns flat [N, ...] inputs with padded-position targets set to 0."""
+  if student_h.ndim != 3 or student_w.ndim != 2 or student_h.shape[-1] != student_w.shape[0]:
+    raise ValueError(f'student hidden {student_h.shape} and projection {student_w.shape} must '
+                     f'be [B, T, D] and [D, V]')
+  if targets.shape != student_h.shape[:2] or mask.shape != student_h.shape[:2]:
+    raise ValueError(f'targets {targets.shape} and mask {mask.shape} must be '
+                     f'{student_h.shape[:2]}')
+  if (teacher_h is None) != (teacher_w is None):
+    raise ValueError('teacher_h and teacher_W must both be given or both be None')
+  if teacher_h is not None:
+    if (teacher_h.shape[:2] != student_h.shape[:2] or teacher_w.shape[-1] != student_w.shape[-1]
+        or teacher_h.shape[-1] != teacher_w.shape[0]):
+      raise ValueError(f'teacher hidden {teacher_h.shape} / projection {teacher_w.shape} do not '
+                       f'match the student ({student_h.shape}, {student_w.shape})')
+    teacher_h, teacher_w = jax.lax.stop_gradient((teacher_h, teacher_w))
+    teacher_h = teacher_h.reshape(-1, teacher_h.shape[-1])
+  if vocab_size is not None and not 0 < vocab_size <= student_w.shape[-1]:
+    raise ValueError(f'vocab_size must be in [1, {student_w.shape[-1]}], got {vocab_size}')
+  weights = mask.reshape(-1).astype(jnp.float32)
+  targets = jnp.where(weights != 0, targets.reshape(-1), 0)
+  return (student_h.reshape(-1, student_h.shape[-1]), student_w, teacher_h, teacher_w,
+          targets, weights)
+
+
+def plain_loss(student_h_BxTxD, student_W_DxV, teacher_h_BxTxD, teacher_W_DxV, targets_BxT,
+               mask_BxT, token_fn: TokenFn, *, vocab_size: int | None = None):
+  """Reference form: full logits for every token. Returns (loss_sum, token_count)."""
+  flat = _flatten(student_h_BxTxD, student_W_DxV, teacher_h_BxTxD, teacher_W_DxV,
+                  targets_BxT, mask_BxT, vocab_size)
+  return _weighted_sum(token_fn, vocab_size, *flat), flat[-1].sum()
+
+
+def chunked_loss(student_h_BxTxD, student_W_DxV, teacher_h_BxTxD, teacher_W_DxV, targets_BxT,
+                 mask_BxT, token_fn: TokenFn, *, chunk_size: int = 1024,
+                 vocab_size: int | None = None):
+  """Memory-flat form, equal to `plain_loss` in value and gradient. Returns (sum, count)."""
+  if not isinstance(chunk_size, int) or chunk_size < 1:
+    raise ValueError(f'chunk_size must be a positive int, got {chunk_size!r}')
+  student_h, student_w, teacher_h, teacher_w, targets, weights = _flatten(
+      student_h_BxTxD, student_W_DxV, teacher_h_BxTxD, teacher_W_DxV, targets_BxT, mask_BxT,
+      vocab_size)
+  n_tokens = weights.shape[0]
+  chunk = min(chunk_size, n_tokens)
+  n_chunks = -(-n_tokens // chunk)
+
+  def chunks(x):  # [N, ...] -> [n_chunks, chunk, ...], zero-padded (zero weight)
+    x = jnp.pad(x, [(0, n_chunks * chunk - n_tokens)] + [(0, 0)] * (x.ndim - 1))
+    return x.reshape(n_chunks, chunk, *x.shape[1:])
+
+  teacher_h = None if teacher_h is None else chunks(teacher_h)
+  loss_sum = _scan_loss(token_fn, vocab_size, chunks(student_h), student_w, teacher_h,
+                        teacher_w, chunks(targets), chunks(weights))
+  return loss_sum, weights.sum()
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _scan_loss(token_fn, vocab_size, student_h, student_w, teacher_h, teacher_w, targets,
+               weights):
+  """Σ over chunks (value only: what runs when no gradient is taken)."""
+  def body(total, xs):
+    h, th, tgt, w = xs
+    value = jax.lax.cond(
+        jnp.any(w != 0),
+        lambda: _weighted_sum(token_fn, vocab_size, h, student_w, th, teacher_w, tgt, w),
+        lambda: jnp.float32(0.0))
+    return total + value, None
+  total, _ = jax.lax.scan(body, jnp.float32(0.0), (student_h, teacher_h, targets, weights))
+  return total
+
+
+def _scan_loss_fwd(token_fn, vocab_size, student_h, student_w, teacher_h, teacher_w, targets,
+                   weights):
+  value_and_grad = jax.value_and_grad(
+      functools.partial(_weighted_sum, token_fn, vocab_size), argnums=(0, 1))
+
+  def body(carry, xs):
+    h, th, tgt, w = xs
+
+    def compute(carry):
+      total, dw = carry
+      value, (dh_chunk, dw_chunk) = value_and_grad(h, student_w, th, teacher_w, tgt, w)
+      return (total + value, dw + dw_chunk.astype(jnp.float32)), dh_chunk
+
+    def skip(carry):
+      return carry, jnp.zeros_like(h)
+
+    return jax.lax.cond(jnp.any(w != 0), compute, skip, carry)
+
+  init = (jnp.float32(0.0), jnp.zeros(student_w.shape, jnp.float32))
+  (total, dw), dh = jax.lax.scan(body, init, (student_h, teacher_h, targets, weights))
+  return total, (dh, dw.astype(student_w.dtype))
+
+
+def _scan_loss_bwd(token_fn, vocab_size, residuals, cotangent):
+  del token_fn, vocab_size
+  dh, dw = residuals
+  return ((cotangent * dh).astype(dh.dtype), (cotangent * dw).astype(dw.dtype),
+          None, None, None, None)
+
+
+_scan_loss.defvjp(_scan_loss_fwd, _scan_loss_bwd)
