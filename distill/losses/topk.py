@@ -87,9 +87,9 @@ def topk_forward_kl(student_logits_BxTxV, topk_ids_BxTxK, topk_logprobs_BxTxK, m
   else:
     log_p_tail = _log1mexp(jax.nn.logsumexp(log_p, axis=-1))
     # The student's tail mass from the logits outside the ids (exact, not 1 − Σ q_k).
-    in_topk = jnp.zeros(logits.shape, bool)
-    in_topk = jax.vmap(lambda m, i: m.at[i].set(True))(
-        in_topk.reshape(-1, vocab), ids.reshape(-1, k)).reshape(logits.shape)
+    rows = jnp.arange(ids.size // k)[:, None]
+    in_topk = jnp.zeros((rows.shape[0], vocab), bool).at[rows, ids.reshape(-1, k)].set(True)
+    in_topk = in_topk.reshape(logits.shape)
     outside = ~in_topk & (logits > -jnp.inf)
     has_tail = outside.any(axis=-1)
     # Rows without a tail get zeros instead of all −inf, keeping logsumexp's gradient finite.
