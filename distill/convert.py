@@ -1,0 +1,104 @@
+"""Converts models between Hugging Face folders, distill run exports and GGUF files.
+
+  python -m distill.convert hf-to-distill --src=HF_FOLDER --out=WORKDIR [--dtype=bfloat16]
+  python -m distill.convert distill-to-hf --src=WORKDIR --out=HF_FOLDER --tokenizer=HF_FOLDER \
+      [--architecture=Qwen3ForCausalLM]
+  python -m distill.convert to-gguf --src=WORKDIR_OR_HF_FOLDER --out=model.gguf \
+      [--type=q8_0] [--tokenizer=HF_FOLDER] [--arch=llama]
+
+A distill run export is `WORKDIR/model.json` + `WORKDIR/params/` (distill.train.teacher); that is
+what a finished run leaves and what `teacher.checkpoint` reads, so an HF teacher converted with
+hf-to-distill can be used as a teacher directly. Weights are sharded over all local devices.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from flax import nnx
+
+from distill.models import gguf_export, hf
+from distill.parallel import mesh as mesh_lib
+from distill.train import teacher
+
+
+def _mesh():
+  return mesh_lib.make_mesh({'fsdp': -1})
+
+
+def _load_any(src: str, dtype: str):
+  """A Transformer from a distill run export or a HF folder."""
+  if teacher.has_export(src):
+    graphdef, params, _ = teacher.load_exported(src, _mesh())
+    return nnx.merge(graphdef, params)
+  if os.path.isfile(os.path.join(src, 'config.json')):
+    return hf.load_hf(src, dtype=dtype, mesh=_mesh())
+  raise FileNotFoundError(f'{src!r} is neither a distill run export ({teacher.MODEL_FILE} + '
+                          f'{teacher.PARAMS_DIR}/) nor a Hugging Face folder (config.json)')
+
+
+def hf_to_distill(args):
+  _, params, model_config = hf.load_hf_params(args.src, _mesh(), args.dtype)
+  teacher.export_final(args.out, model_config, params)
+  print(f'wrote {args.out}/{teacher.MODEL_FILE} and {args.out}/{teacher.PARAMS_DIR}/')
+
+
+def distill_to_hf(args):
+  if not teacher.has_export(args.src):
+    raise FileNotFoundError(f'{args.src!r} holds no distill run export '
+                            f'({teacher.MODEL_FILE} + {teacher.PARAMS_DIR}/)')
+  model = _load_any(args.src, args.dtype)
+  hf.save_hf(model, args.out, tokenizer=args.tokenizer, architecture=args.architecture)
+  print(f'wrote {args.out}')
+
+
+def to_gguf(args):
+  model = _load_any(args.src, args.dtype)
+  tokenizer = args.tokenizer
+  if tokenizer is None and os.path.isfile(os.path.join(args.src, 'tokenizer.json')):
+    tokenizer = args.src
+  written = gguf_export.export_gguf(model, args.out, tokenizer=tokenizer, file_type=args.type,
+                                    arch=args.arch, tokenizer_pre=args.tokenizer_pre)
+  counts = {t: list(written.values()).count(t) for t in sorted(set(written.values()))}
+  print(f'wrote {args.out}: {len(written)} tensors {counts}'
+        + ('' if tokenizer else ' (no tokenizer: llama.cpp cannot tokenize text for it)'))
+
+
+def parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog='python -m distill.convert', description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = p.add_subparsers(dest='command', required=True)
+  for name, fn, help_ in (('hf-to-distill', hf_to_distill, 'HF folder -> distill run export'),
+                          ('distill-to-hf', distill_to_hf, 'distill run export -> HF folder'),
+                          ('to-gguf', to_gguf, 'distill run export or HF folder -> GGUF')):
+    c = sub.add_parser(name, help=help_)
+    c.set_defaults(fn=fn)
+    c.add_argument('--src', required=True)
+    c.add_argument('--out', required=True)
+    c.add_argument('--dtype', default='float32', choices=hf.LOAD_DTYPES,
+                   help='dtype to load HF weights in')
+    if name != 'hf-to-distill':
+      c.add_argument('--tokenizer', default=None, help='HF tokenizer folder to include')
+    if name == 'distill-to-hf':
+      c.add_argument('--architecture', default=None, choices=hf.ARCHITECTURES)
+    if name == 'to-gguf':
+      c.add_argument('--type', default='f16', choices=list(gguf_export.FILE_TYPES))
+      c.add_argument('--arch', default=None, choices=list(gguf_export.ARCHS))
+      c.add_argument('--tokenizer-pre', default=None,
+                     help="llama.cpp pre-tokenizer name (default: recognised or 'default')")
+  return p
+
+
+def main(argv=None) -> int:
+  args = parser().parse_args(argv)
+  try:
+    args.fn(args)
+  except (ValueError, FileNotFoundError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
