@@ -1,0 +1,130 @@
+"""grain pipelines that turn a task's (prompt, completion) examples into fixed-shape batches.
+
+Row layout, T = prompt_len + completion_len (P = prompt_len, c = completion chars):
+
+    column    0 .. P-1                      | P .. P+C-1
+    tokens    pad.. pad BOS prompt chars    | completion chars EOS pad .. pad
+    targets   tokens shifted left by one (last column = pad)
+    loss_mask 1.0 at columns P-1 .. P+c-1, i.e. where the target is a completion
+              char or the EOS; prompt and padding never count
+
+Prompts are left-padded so every prompt ends at column P-1 and generation starts at
+column P for the whole batch. Batches are dicts of numpy arrays: tokens/targets/
+input_mask int32 [B,T], loss_mask float32 [B,T]. `batch_size` is per process.
+"""
+import grain
+import numpy as np
+
+from distill.data.tokenizer import CharTokenizer
+
+Example = dict[str, np.ndarray]
+
+
+def encode_example(tokenizer: CharTokenizer, prompt: str, completion: str, *,
+                   prompt_len: int, completion_len: int, name: str = 'example') -> Example:
+  """One row of the batch layout above; ValueError (naming `name`) if it does not fit."""
+  p_ids, c_ids = tokenizer.encode(prompt), tokenizer.encode(completion)
+  if len(p_ids) + 1 > prompt_len:
+    raise ValueError(f'{name}: prompt {prompt!r} needs {len(p_ids) + 1} tokens (BOS + '
+                     f'{len(p_ids)} chars) but prompt_len={prompt_len}')
+  if len(c_ids) + 1 > completion_len:
+    raise ValueError(f'{name}: completion {completion!r} needs {len(c_ids) + 1} tokens '
+                     f'({len(c_ids)} chars + EOS) but completion_len={completion_len}')
+  n_left = prompt_len - 1 - len(p_ids)
+  n_right = completion_len - 1 - len(c_ids)
+  pad = tokenizer.pad_id
+  tokens = [pad] * n_left + [tokenizer.bos_id] + p_ids + c_ids + [tokenizer.eos_id] + [pad] * n_right
+  tokens_T = np.asarray(tokens, np.int32)
+  input_mask_T = np.zeros_like(tokens_T)
+  input_mask_T[n_left:len(tokens) - n_right] = 1
+  loss_mask_T = np.zeros(len(tokens), np.float32)
+  loss_mask_T[prompt_len - 1:prompt_len + len(c_ids)] = 1.0
+  return dict(tokens=tokens_T, targets=np.append(tokens_T[1:], np.int32(pad)),
+              input_mask=input_mask_T, loss_mask=loss_mask_T)
+
+
+def padding_example(tokenizer: CharTokenizer, *, prompt_len: int, completion_len: int) -> Example:
+  """A row that carries nothing: all pad, both masks zero (fills partial eval batches)."""
+  tokens_T = np.full(prompt_len + completion_len, tokenizer.pad_id, np.int32)
+  return dict(tokens=tokens_T, targets=tokens_T.copy(), input_mask=np.zeros_like(tokens_T),
+              loss_mask=np.zeros(tokens_T.shape, np.float32))
+
+
+def _check_args(task, split, prompt_len, completion_len, shard_index, shard_count):
+  if split not in task.splits:
+    raise ValueError(f'task {task.name!r} has no split {split!r}; valid: {task.splits}')
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f'need 0 <= shard_index < shard_count, got {shard_index}, {shard_count}')
+  # Fail at construction, not thousands of steps in, when the declared worst case
+  # does not fit (per-example checks still guard tasks that declare nothing).
+  for what, limit, declared, extra in (
+      ('prompt_len', prompt_len, getattr(task, 'max_prompt_chars', None), 'BOS'),
+      ('completion_len', completion_len, getattr(task, 'max_completion_chars', None), 'EOS')):
+    if limit < 1:
+      raise ValueError(f'{what} must be >= 1, got {limit}')
+    if declared is not None and declared + 1 > limit:
+      raise ValueError(f'{what}={limit} is too short for task {task!r}: its examples need up '
+                       f'to {declared + 1} tokens ({declared} chars + {extra})')
+
+
+def make_dataset(task, tokenizer: CharTokenizer, *, split: str, prompt_len: int,
+                 completion_len: int, seed: int, shuffle: bool = True,
+                 num_epochs: int | None = None, shard_index: int = 0,
+                 shard_count: int = 1) -> grain.MapDataset:
+  """Encoded single examples of `split`; process `shard_index` sees every
+  `shard_count`-th example. Shuffling is reseeded every epoch; num_epochs=None repeats
+  forever."""
+  _check_args(task, split, prompt_len, completion_len, shard_index, shard_count)
+  ds = grain.MapDataset.range(task.num_examples(split))[shard_index::shard_count]
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  if num_epochs != 1:
+    ds = ds.repeat(num_epochs)
+
+  def encode(index):
+    prompt, completion = task.example(split, index)
+    return encode_example(tokenizer, prompt, completion, prompt_len=prompt_len,
+                          completion_len=completion_len,
+                          name=f'{task.name} {split} example {index}')
+
+  return ds.map(encode)
+
+
+def make_iterator(task, tokenizer: CharTokenizer, *, split: str, prompt_len: int,
+                  completion_len: int, batch_size: int, seed: int, shuffle: bool = True,
+                  num_epochs: int | None = None, shard_index: int = 0, shard_count: int = 1,
+                  drop_remainder: bool = True) -> grain.DatasetIterator:
+  """Iterator of batches; `get_state()`/`set_state()` checkpoint its position exactly."""
+  ds = make_dataset(task, tokenizer, split=split, prompt_len=prompt_len,
+                    completion_len=completion_len, seed=seed, shuffle=shuffle,
+                    num_epochs=num_epochs, shard_index=shard_index, shard_count=shard_count)
+  return iter(ds.batch(batch_size, drop_remainder=drop_remainder).to_iter_dataset())
+
+
+def make_eval_iterator(task, tokenizer: CharTokenizer, *, prompt_len: int, completion_len: int,
+                       batch_size: int, split: str = 'eval', shard_index: int = 0,
+                       shard_count: int = 1) -> grain.DatasetIterator:
+  """One unshuffled pass over `split`, every example exactly once across shards.
+
+  The last batch is filled with padding rows (all-zero masks) rather than dropped, and
+  every shard yields the same number of batches (shards that run out first emit
+  padding-only batches), so multi-host evaluation steps stay in lockstep.
+  """
+  _check_args(task, split, prompt_len, completion_len, shard_index, shard_count)
+  n = task.num_examples(split)
+  per_shard = -(-n // shard_count)
+  num_rows = -(-per_shard // batch_size) * batch_size
+  pad_row = padding_example(tokenizer, prompt_len=prompt_len, completion_len=completion_len)
+
+  def encode(slot):
+    index = slot * shard_count + shard_index
+    if index >= n:
+      return {k: v.copy() for k, v in pad_row.items()}
+    prompt, completion = task.example(split, index)
+    return encode_example(tokenizer, prompt, completion, prompt_len=prompt_len,
+                          completion_len=completion_len,
+                          name=f'{task.name} {split} example {index}')
+
+  ds = grain.MapDataset.range(num_rows).map(encode)
+  return iter(ds.batch(batch_size).to_iter_dataset())
+

@@ -1,0 +1,36 @@
+"""Registry of the embedded tasks, composed by name from configs."""
+from collections.abc import Callable
+from typing import Protocol
+
+from distill.data.arithmetic import ArithmeticTask
+from distill.data.hmm_language import HMMTask
+
+
+class Task(Protocol):
+  """What pipelines and evaluation rely on."""
+
+  name: str
+  splits: tuple[str, ...]
+  max_prompt_chars: int  # longest prompt / completion the task produces (no BOS/EOS)
+  max_completion_chars: int
+  # score(prompt, completion_text) -> 1.0/0.0, or None where no task metric exists.
+  score: Callable[[str, str], float] | None
+
+  def num_examples(self, split: str) -> int: ...
+
+  def example(self, split: str, index: int) -> tuple[str, str]: ...
+
+
+TASKS: dict[str, Callable[..., Task]] = {'arithmetic': ArithmeticTask, 'hmm': HMMTask}
+
+
+def get_task(name: str, **kwargs) -> Task:
+  """A task by registry name; kwargs go to its constructor."""
+  if name not in TASKS:
+    raise ValueError(f'unknown task {name!r}; valid names: {sorted(TASKS)}')
+  return TASKS[name](**kwargs)
+
+
+def sequence_lengths(task: Task) -> tuple[int, int]:
+  """The smallest (prompt_len, completion_len) that fit every example (+BOS, +EOS)."""
+  return task.max_prompt_chars + 1, task.max_completion_chars + 1
