@@ -14,6 +14,7 @@ import json
 import os
 import random
 import shutil
+import string
 import sys
 
 import numpy as np
@@ -72,6 +73,9 @@ def train_tokenizer() -> Tokenizer:
   rng = random.Random(0)
   corpus = [' '.join(rng.choice(WORDS) for _ in range(12)) + rng.choice('.?!,')
             for _ in range(400)]
+  # Every printable ASCII character and newline is in the alphabet, so text round-trips.
+  corpus += ['The quick brown fox jumps over the lazy dog.\nTHE QUICK BROWN FOX JUMPS OVER '
+             'THE LAZY DOG!', '0123456789 ' + string.punctuation + '\n\n', 'You are a helpful assistant.']
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
