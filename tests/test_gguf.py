@@ -180,15 +180,11 @@ def test_llama_cpp_conventions_reproduce_transformers_logits(name, arch, tmp_pat
   np.testing.assert_allclose(gguf_forward(path, ref['tokens']), ref['logits'], atol=1e-4, rtol=0)
 
 
-def test_llama_arch_needs_the_permutation(llama_gqa, tmp_path):
+def test_llama_arch_needs_the_permutation(llama_gqa, tmp_path, monkeypatch):
   """Without the q/k row permutation the NORM-rope reading gives different logits."""
   path = str(tmp_path / 'm.gguf')
-  original = gguf_export.permute_for_norm_rope
-  gguf_export.permute_for_norm_rope = lambda w, n: w
-  try:
-    gguf_export.export_gguf(llama_gqa, path, file_type='f32')
-  finally:
-    gguf_export.permute_for_norm_rope = original
+  monkeypatch.setattr(gguf_export, 'permute_for_norm_rope', lambda w, n: w)
+  gguf_export.export_gguf(llama_gqa, path, file_type='f32')
   ref = np.load(os.path.join(fixture('llama_gqa'), 'reference.npz'))
   assert np.abs(gguf_forward(path, ref['tokens']) - ref['logits']).max() > 1e-2
 

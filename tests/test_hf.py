@@ -75,6 +75,9 @@ def test_sharded_load_reads_only_each_devices_slice(monkeypatch):
     def get_shape(self):
       return self.inner.get_shape()
 
+    def get_dtype(self):
+      return self.inner.get_dtype()
+
     def __getitem__(self, index):
       block = self.inner[index]
       reads.append((self.name, block.size, int(np.prod(self.inner.get_shape()))))
@@ -262,6 +265,10 @@ def test_missing_extra_and_misshapen_tensors_are_named(tmp_path):
   folder = copy_fixture(tmp_path / 'y')
   rewrite(folder, lambda t: {**t, 'model.norm.weight': np.ones(31, np.float32)})
   with pytest.raises(ValueError, match=r"'model\.norm\.weight'.*expected shape \[32\], got \[31\]"):
+    load_hf(str(folder))
+  folder = copy_fixture(tmp_path / 'z')
+  rewrite(folder, lambda t: {**t, 'model.norm.weight': np.ones(32, np.int8)})
+  with pytest.raises(ValueError, match=r"'model\.norm\.weight'.*stored as I8"):
     load_hf(str(folder))
 
 

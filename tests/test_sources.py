@@ -2,9 +2,11 @@
 Parquet and TFDS sources feeding the unchanged grain pipeline."""
 import json
 import os
+import pickle
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from tokenizers import Tokenizer
 
 from distill.data import pipeline
@@ -159,6 +161,25 @@ def test_chat_jsonl_feeds_the_pipeline(tmp_path):
     assert tok.decode(learned) == c
 
 
+def test_sources_pickle_for_grain_workers(tmp_path, tfds_dir):
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  pq.write_table(pa.Table.from_pylist(CHATS), tmp_path / 'chat.parquet')
+  tok = tokenizer('qwen2')
+  sources = [JsonlSource(write_jsonl(tmp_path / 'chat.jsonl', CHATS), messages_field='messages',
+                         chat_template=tok),
+             ParquetSource(str(tmp_path / 'chat.parquet'), messages_field='messages',
+                           chat_template=tok),
+             TfdsSource('distill_tiny_chat', tfds_dir, messages_field='messages',
+                        chat_template=tok)]
+  for source in sources:
+    copy = pickle.loads(pickle.dumps(source))
+    assert all_examples(copy) == all_examples(source)
+  copy = pickle.loads(pickle.dumps(tok))
+  assert copy.encode('hello world') == tok.encode('hello world')
+  assert copy.fingerprint() == tok.fingerprint()
+
+
 def test_plain_jsonl_with_deterministic_eval_split(tmp_path):
   path = write_jsonl(tmp_path / 'plain.jsonl', PLAIN)
   source = JsonlSource(path, eval_fraction=0.25)
@@ -212,7 +233,7 @@ def test_skip_policy_and_empty_files(tmp_path):
 
 
 def test_parquet_matches_jsonl(tmp_path):
-  pa = pytest.importorskip('pyarrow')
+  import pyarrow as pa
   import pyarrow.parquet as pq
   pq.write_table(pa.Table.from_pylist(PLAIN), tmp_path / 'plain.parquet')
   pq.write_table(pa.Table.from_pylist(CHATS), tmp_path / 'chat.parquet')
@@ -238,29 +259,29 @@ def test_get_source(tmp_path):
 
 # ---- TFDS (ArrayRecord, no TensorFlow) ------------------------------------------------------------
 
+class DistillTinyChat(tfds.core.GeneratorBasedBuilder):
+  """PLAIN as a TFDS dataset with 'train' and 'test' splits, written as ArrayRecord."""
+  VERSION = tfds.core.Version('1.0.0')
+
+  def _info(self):
+    turn = {'role': tfds.features.Text(), 'content': tfds.features.Text()}
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        'prompt': tfds.features.Text(), 'completion': tfds.features.Text(),
+        'messages': tfds.features.Sequence(turn)}))
+
+  def _split_generators(self, dl_manager):
+    return {'train': self._generate_examples(PLAIN[:6]),
+            'test': self._generate_examples(PLAIN[6:])}
+
+  def _generate_examples(self, rows):
+    for row in rows:
+      yield row['id'], {'prompt': row['prompt'], 'completion': row['completion'],
+                        'messages': [{'role': 'user', 'content': row['prompt']},
+                                     {'role': 'assistant', 'content': row['completion']}]}
+
+
 @pytest.fixture(scope='module')
 def tfds_dir(tmp_path_factory):
-  tfds = pytest.importorskip('tensorflow_datasets')
-
-  class DistillTinyChat(tfds.core.GeneratorBasedBuilder):
-    VERSION = tfds.core.Version('1.0.0')
-
-    def _info(self):
-      turn = {'role': tfds.features.Text(), 'content': tfds.features.Text()}
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          'prompt': tfds.features.Text(), 'completion': tfds.features.Text(),
-          'messages': tfds.features.Sequence(turn)}))
-
-    def _split_generators(self, dl_manager):
-      return {'train': self._generate_examples(PLAIN[:6]),
-              'test': self._generate_examples(PLAIN[6:])}
-
-    def _generate_examples(self, rows):
-      for row in rows:
-        yield row['id'], {'prompt': row['prompt'], 'completion': row['completion'],
-                          'messages': [{'role': 'user', 'content': row['prompt']},
-                                       {'role': 'assistant', 'content': row['completion']}]}
-
   data_dir = str(tmp_path_factory.mktemp('tfds'))
   DistillTinyChat(data_dir=data_dir, file_format='array_record').download_and_prepare()
   return data_dir

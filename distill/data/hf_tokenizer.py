@@ -59,6 +59,9 @@ class ChatTemplate:
     self.source = source
     self.special_tokens = dict(special_tokens or {})
 
+  def __reduce__(self):   # compiled templates do not pickle; grain workers may need to
+    return ChatTemplate, (self.source, self.special_tokens)
+
   def render(self, messages: Sequence[dict], *, add_generation_prompt: bool = False,
              row: str = 'conversation', **kwargs) -> str:
     """The template applied to `messages`; ChatTemplateError naming `row` if it fails."""

@@ -26,12 +26,14 @@ from safetensors.numpy import save_file
 
 from distill.models import config as config_lib
 from distill.models.config import ModelConfig
+from distill.parallel import mesh as mesh_lib
 
 ARCHITECTURES = ('LlamaForCausalLM', 'MistralForCausalLM', 'Qwen2ForCausalLM', 'Qwen3ForCausalLM')
 _MODEL_TYPES = {'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM',
                 'qwen2': 'Qwen2ForCausalLM', 'qwen3': 'Qwen3ForCausalLM'}
 LOAD_DTYPES = ('float32', 'bfloat16', 'float16')
 SINGLE_FILE, INDEX_FILE = 'model.safetensors', 'model.safetensors.index.json'
+_FLOAT_STORAGE = ('F32', 'BF16', 'F16', 'F64')
 # Buffers some exporters wrote next to the weights; they carry nothing the model needs.
 _IGNORED = re.compile(r'.*\.rotary_emb\.inv_freq$')
 
@@ -233,7 +235,9 @@ def _weight_files(folder: str) -> dict[str, str]:
   index = os.path.join(folder, INDEX_FILE)
   if os.path.isfile(index):
     with open(index) as f:
-      weight_map = json.load(f)['weight_map']
+      weight_map = json.load(f).get('weight_map')
+    if not isinstance(weight_map, dict):
+      raise ValueError(f'{index!r} has no "weight_map" object')
     files = {name: os.path.join(folder, file) for name, file in weight_map.items()}
     for path in sorted(set(files.values())):
       if not os.path.isfile(path):
@@ -264,10 +268,14 @@ def _check_tensors(expected: dict, handles: dict, files: dict, cfg: ModelConfig)
         f'{what} {len(lst)}: {", ".join(lst[:8])}{" ..." if len(lst) > 8 else ""}'
         for what, lst in (('missing', missing), ('unexpected', extra)) if lst))
   for name, (_, _, shape) in expected.items():
-    got = tuple(handles[files[name]].get_slice(name).get_shape())
+    tensor = handles[files[name]].get_slice(name)
+    got = tuple(tensor.get_shape())
     if got != shape:
       raise ValueError(f'tensor {name!r} in {files[name]!r}: expected shape {list(shape)}, '
                        f'got {list(got)}')
+    if tensor.get_dtype() not in _FLOAT_STORAGE:
+      raise ValueError(f'tensor {name!r} in {files[name]!r} is stored as {tensor.get_dtype()}; '
+                       f'only unquantised {"/".join(_FLOAT_STORAGE)} checkpoints load')
 
 
 def _slices(index, shape):
@@ -276,22 +284,20 @@ def _slices(index, shape):
 
 def _reader(rule: WeightRule, shape, handles, files, np_dtype):
   """Callback for make_array_from_callback: the framework-layout block at `index`."""
+  def block(name, index):
+    if rule.transpose:   # framework [i0:i1, j0:j1] is HF [j0:j1, i0:i1] transposed
+      return handles[files[name]].get_slice(name)[index[::-1]].T
+    return handles[files[name]].get_slice(name)[index]
+
   def read(index):
     index = _slices(index, shape)
-    layers, inner = (index[0], index[1:]) if rule.per_layer else ([None], index)
-    blocks = []
-    for layer in (range(*layers.indices(shape[0])) if rule.per_layer else layers):
-      name = rule.hf.format(layer=layer)
-      block = handles[files[name]].get_slice(name)[inner[::-1] if rule.transpose else inner]
-      blocks.append(block.T if rule.transpose else block)
-    out = np.stack(blocks) if rule.per_layer else blocks[0]
+    if rule.per_layer:
+      out = np.stack([block(rule.hf.format(layer=layer), index[1:])
+                      for layer in range(*index[0].indices(shape[0]))])
+    else:
+      out = block(rule.hf, index)
     return np.ascontiguousarray(out.astype(np_dtype))
   return read
-
-
-def _default_mesh():
-  from distill.parallel import mesh as mesh_lib
-  return mesh_lib.make_mesh({'fsdp': -1})
 
 
 def load_hf_params(folder: str, mesh=None, dtype: str = 'float32'):
@@ -302,7 +308,7 @@ def load_hf_params(folder: str, mesh=None, dtype: str = 'float32'):
   """
   from distill.train import state as state_lib   # train imports models; avoid a cycle
   cfg = config_from_hf(read_config(folder), dtype)
-  mesh = mesh or _default_mesh()
+  mesh = mesh or mesh_lib.make_mesh({'fsdp': -1})
   files = _weight_files(folder)
   expected = expected_tensors(cfg)
   graphdef, abstract = state_lib.abstract_model(cfg)
