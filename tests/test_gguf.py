@@ -199,6 +199,23 @@ def test_padded_vocab_tokens(tmp_path):
   assert set(types[150:]) == {gguf.TokenType.USER_DEFINED}
 
 
+def test_pre_tokenizer_recognised_from_split_regex(llama_gqa, tmp_path):
+  spec = json.load(open(os.path.join(fixture('qwen2'), 'tokenizer.json')))
+  qwen2_regex = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
+                 r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+  spec['pre_tokenizer'] = {'type': 'Sequence', 'pretokenizers': [
+      {'type': 'Split', 'pattern': {'Regex': qwen2_regex}, 'behavior': 'Isolated', 'invert': False},
+      {'type': 'ByteLevel', 'add_prefix_space': False, 'trim_offsets': False, 'use_regex': False}]}
+  folder = tmp_path / 'tok'
+  os.makedirs(folder)
+  (folder / 'tokenizer.json').write_text(json.dumps(spec))
+  (folder / 'tokenizer_config.json').write_text(json.dumps({'eos_token': '<|im_end|>'}))
+  for pre, want in ((None, 'qwen2'), ('llama-bpe', 'llama-bpe')):
+    path = str(tmp_path / 'm.gguf')
+    gguf_export.export_gguf(llama_gqa, path, tokenizer=str(folder), tokenizer_pre=pre)
+    assert field(gguf.GGUFReader(path), 'tokenizer.ggml.pre') == want
+
+
 def test_export_errors(llama_gqa, tmp_path):
   with pytest.raises(ValueError, match='file_type'):
     gguf_export.export_gguf(llama_gqa, str(tmp_path / 'a.gguf'), file_type='q4_k')
