@@ -89,7 +89,7 @@ def test_padded_vocabulary_and_no_teacher():
 def test_traced_closure_and_bfloat16():
   # A token_fn closing over a traced value (TAID's t lives in the train state).
   def loss(h, w, t, chunk_size):
-    token_fn = lambda s, tl, tg: L.taid_loss(s, tl, jnp.ones(tg.shape), t)
+    token_fn = L.taid_token_fn(t)
     if chunk_size is None:
       return L.plain_loss(h, w, TEACHER_H, TEACHER_W, TARGETS, WEIGHTS, token_fn)[0]
     return L.chunked_loss(h, w, TEACHER_H, TEACHER_W, TARGETS, WEIGHTS, token_fn,

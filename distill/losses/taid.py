@@ -38,6 +38,16 @@ def taid_loss(student_logits_BxTxV, teacher_logits_BxTxV, mask_BxT, t):
   return _FORWARD_KL(student_logits_BxTxV, target, mask_BxT)
 
 
+def taid_token_fn(t):
+  """TAID as a token_fn(student_logits_NxV, teacher_logits_NxV, targets_N) for the plain and
+  chunked losses; t is usually the traced state['t'] of the current step."""
+  def token_fn(student_logits_NxV, teacher_logits_NxV, targets_N, mask_N=None):
+    del targets_N
+    mask = jnp.ones(student_logits_NxV.shape[:-1]) if mask_N is None else mask_N
+    return taid_loss(student_logits_NxV, teacher_logits_NxV, mask, t)
+  return token_fn
+
+
 def taid_init(t_start: float = 0.4, t_end: float = 1.0, alpha: float = 5e-4,
               beta: float = 0.99) -> dict:
   """Schedule state: a dict of fp32 scalars (the hyper-parameters travel with it, so
