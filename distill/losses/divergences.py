@@ -131,7 +131,8 @@ def _ab(lq, lp, *, alpha, beta):
     β = 0:     1/α²·Σ [p^α·log(p^α/q^α) − p^α + q^α]          (α=1: KL(p‖q))
     α = 0:     1/β²·Σ [q^β·log(q^β/p^β) − q^β + p^β]          (β=1: KL(q‖p))
     α = β = 0: ½·Σ (log p − log q)²
-  The limits are the continuous ones of the general formula (1/α², 1/β²).
+  The limits are the continuous ones of the general formula (1/α², 1/β²). ABKD's released
+  code divides its β=0 / α=0 branches by α / β instead; both agree at (1,0) and (0,1).
   """
   if alpha > 0 and beta > 0:
     # Each summand is a weighted AM−GM gap of a = p^s, b = q^s (s = α+β). Around the larger
