@@ -11,7 +11,7 @@ Subtraction (a >= b, so results are never negative) uses the same layout with bo
 `402-357=` -> `2-7-0=15;0-5-1=14;4-3-1=00;#45`. The answer after '#' is written most
 significant digit first, without leading zeros. Fixed widths put every character a
 constant distance from the characters it depends on, which is what lets a tiny
-character-level model learn the task quickly (see DEFAULT_NUM_DIGITS).
+character-level model learn the task quickly (measurements at DEFAULT_NUM_DIGITS).
 
 Every problem (op, a, b) with exactly `num_digits`-digit operands has an integer id;
 a keyed bijection of [0, num_problems) lists the problems in a seeded order whose first
@@ -22,8 +22,17 @@ splits are disjoint by construction and example i of a split is a pure function 
 import math
 import re
 
-# Measured on the 2-core CPU with a 1.2M-parameter RoPE transformer (d=128, 6 layers,
-# batch 64, AdamW 3e-3): see the note at the end of this file.
+# Learnability, measured with a pre-norm RoPE char transformer (GELU MLP x4, heads of
+# 32 dims), batch 64, AdamW 3e-3 after 100 warmup steps, fp32, 512 held-out problems:
+# - steps until >= 90% teacher-forced exact match (a lower bound on greedy exact match),
+#   3 digits: 250-350 for every size tried (0.34M, 0.8M, 1.2M, 1.8M params; 3.2M at
+#   lr 1e-3: 250); 2 digits: 300-350. Greedy held-out accuracy 100% by 3000 steps.
+# - 120 s wall clock on 2 pinned Xeon cores (compile and data generation included):
+#   3 digits (T=42): 0.8M (d=128, 4 layers) 400 steps -> 99.6% greedy exact match;
+#   1.2M (d=128, 6 layers) 300 steps -> 81%; 1.8M (d=192, 4 layers) 270 steps -> 71%
+#   (these need ~150-180 s for 90%). 2 digits (T=30): 0.8M 590 steps -> 100%.
+# So 3-digit addition is the default: a ~1M model learns it in about 2 minutes on a
+# laptop; use num_digits=2 for bigger models on that budget.
 DEFAULT_NUM_DIGITS = 3
 SPLITS = ('train', 'eval')
 OPS = ('+', '-')

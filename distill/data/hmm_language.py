@@ -12,7 +12,6 @@ EOS. Because every text has an exact probability (forward algorithm, float64, lo
 space), a model's KL to the truth is computable in both directions on any prefixes.
 """
 import bisect
-import math
 import string
 from collections import Counter
 from collections.abc import Sequence
@@ -24,11 +23,15 @@ from distill.data.tokenizer import CharTokenizer
 _EARLY, _MID, _LAST = 0, 1, 2  # emission regimes by text position (see module doc)
 
 
-def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
-  m = np.max(x, axis=axis, keepdims=True)
-  m = np.where(np.isfinite(m), m, 0.0)
+def _log_matmul(log_a_BxS: np.ndarray, p: np.ndarray) -> np.ndarray:
+  """log(exp(log_a) @ p) for a probability matrix p [S,N], with the row maximum
+  factored out so nothing underflows; -inf rows stay -inf."""
+  m_Bx1 = np.max(log_a_BxS, axis=1, keepdims=True)
+  m_Bx1 = np.where(np.isfinite(m_Bx1), m_Bx1, 0.0)
+  a_BxS = np.exp(log_a_BxS - m_Bx1)
+  s_BxN = a_BxS @ p
   with np.errstate(divide='ignore'):
-    return np.squeeze(m, axis) + np.log(np.sum(np.exp(x - m), axis=axis))
+    return np.log(s_BxN) + m_Bx1
 
 
 def _cdf_rows(p: np.ndarray) -> list[list[float]]:
@@ -73,17 +76,16 @@ class HMMLanguage:
     self.symbol_of_token[self.token_of_symbol] = np.arange(K + 1)
 
     stop = self.stop_S[:, None]
-    emission_3xSx_K1 = np.stack([
+    self._emission_3xSxK1 = np.stack([
         np.concatenate([self.letters_SxK, np.zeros((S, 1))], 1),
         np.concatenate([(1 - stop) * self.letters_SxK, stop], 1),
         np.concatenate([np.zeros((S, K)), np.ones((S, 1))], 1)])
     with np.errstate(divide='ignore'):
       self._log_initial_S = np.log(self.initial_S)
-      self._log_transition_SxS = np.log(self.transition_SxS)
-      self._log_emission_3xSxK1 = np.log(emission_3xSx_K1)
+      self._log_emission_3xSxK1 = np.log(self._emission_3xSxK1)
     self._initial_cdf = _cdf_rows(self.initial_S[None])[0]
     self._transition_cdf = _cdf_rows(self.transition_SxS)
-    self._emission_cdf = [_cdf_rows(e) for e in emission_3xSx_K1]
+    self._emission_cdf = [_cdf_rows(e) for e in self._emission_3xSxK1]
 
   @classmethod
   def random(cls, seed: int = 0, *, num_states: int = 16, num_symbols: int = 12,
@@ -133,7 +135,7 @@ class HMMLanguage:
     impossible = np.zeros(B, bool)
     log_alpha_BxS = np.zeros((B, self.num_states))  # log P(z_n = s, x_<n)
     n_B = np.zeros(B, int)  # symbols consumed so far
-    rows = np.arange(B)
+    ones_Sx1 = np.ones((self.num_states, 1))
     for t in range(T):
       real, tok = mask_BxT[:, t], tokens_BxT[:, t]
       first = real & ~started
@@ -141,32 +143,28 @@ class HMMLanguage:
         r = int(np.flatnonzero(first & (tok != self.tokenizer.bos_id))[0])
         raise ValueError(f'row {r}: first real token (column {t}) is id {tok[r]}, not BOS '
                          f'({self.tokenizer.bos_id})')
-      log_alpha_BxS[first] = self._log_initial_S
-      n_B[first] = 0
+      # Consume this column's symbol on rows whose text is running.
+      step = real & live
+      sym = self.symbol_of_token[tok]
+      emit_BxS = self._log_emission_3xSxK1[self._regime(n_B), :, np.maximum(sym, 0)]
+      joint_BxS = log_alpha_BxS + emit_BxS  # log P(z_n, x_<=n)
+      dead = step & ((sym < 0) | np.isneginf(joint_BxS).all(1))
+      ended = step & ~dead & (sym == K)
+      advance = step & ~dead & ~ended
+      log_alpha_BxS = np.where(advance[:, None], _log_matmul(joint_BxS, self.transition_SxS),
+                               log_alpha_BxS)
+      n_B += advance
+      log_alpha_BxS[first], n_B[first] = self._log_initial_S, 0
       started |= first
-      live |= first
-      step = real & live & ~first
-      if step.any():
-        sym = self.symbol_of_token[tok]
-        unknown = step & (sym < 0)
-        emit_BxS = self._log_emission_3xSxK1[self._regime(n_B), :, np.maximum(sym, 0)]
-        joint_BxS = log_alpha_BxS + emit_BxS  # log P(z_n, x_<=n)
-        dead = unknown | (step & ~np.isfinite(_logsumexp(joint_BxS, 1)))
-        impossible |= dead
-        ended = step & ~dead & (sym == K)
-        advance = step & ~dead & ~ended
-        live &= ~(dead | ended)
-        next_BxS = _logsumexp(joint_BxS[:, :, None] + self._log_transition_SxS, 1)
-        log_alpha_BxS[advance] = next_BxS[advance]
-        n_B[advance] += 1
-      out_BxTxV[real & impossible, t] = -np.inf
+      impossible |= dead
+      live = (live | first) & ~dead & ~ended
+      # The predictive distribution of the next symbol, for every emission regime.
+      pred_3xBxK1 = np.stack([_log_matmul(log_alpha_BxS, e) for e in self._emission_3xSxK1])
+      pred_BxK1 = np.take_along_axis(pred_3xBxK1, self._regime(n_B)[None, :, None], 0)[0]
+      pred_BxK1 -= _log_matmul(log_alpha_BxS, ones_Sx1)
       emit = real & live
-      if emit.any():
-        em_BxSxK1 = self._log_emission_3xSxK1[self._regime(n_B[emit])]
-        pred_BxK1 = _logsumexp(log_alpha_BxS[emit][:, :, None] + em_BxSxK1, 1)
-        pred_BxK1 -= _logsumexp(log_alpha_BxS[emit], 1)[:, None]
-        out_BxTxV[emit, t] = -np.inf
-        out_BxTxV[rows[emit][:, None], t, self.token_of_symbol[None]] = pred_BxK1
+      out_BxTxV[emit | (real & impossible), t, self.tokenizer.pad_id] = -np.inf
+      out_BxTxV[:, t, self.token_of_symbol] = np.where(emit[:, None], pred_BxK1, -np.inf)
     return out_BxTxV
 
   def sequence_logprob(self, token_ids: Sequence[int]) -> float:
@@ -231,7 +229,7 @@ class HMMTask:
 
   name = 'hmm'
   splits = ('train', 'eval')
-  score = None  # no task metric: compare models to the truth with `language` instead
+  # No `score`: there is no task metric; models are compared to the truth instead.
 
   def __init__(self, seed: int = 0, language_seed: int = 0, prompt_symbols: int = 4,
                train_size: int = 2**20, eval_size: int = 512, **language_kwargs):
@@ -257,6 +255,11 @@ class HMMTask:
       raise IndexError(f'{split} example {index} out of range [0, {n})')
     text = self.language.sample_text((self.seed, self.splits.index(split), index))
     return text[:self.prompt_symbols], text[self.prompt_symbols:]
+
+  def next_token_logprobs(self, tokens_BxT: np.ndarray, input_mask_BxT: np.ndarray) -> np.ndarray:
+    """The true next-token log-distribution after every prefix of pipeline rows (see
+    HMMLanguage.next_token_logprobs); the text starts after BOS, so prompt included."""
+    return self.language.next_token_logprobs(tokens_BxT, input_mask_BxT)
 
   def __repr__(self) -> str:
     return f'HMMTask(seed={self.seed}, prompt_symbols={self.prompt_symbols})'

@@ -7,14 +7,17 @@ from distill.data.hmm_language import HMMTask
 
 
 class Task(Protocol):
-  """What pipelines and evaluation rely on."""
+  """What pipelines and evaluation rely on.
+
+  Optional members, present only where meaningful: `score(prompt, completion_text) ->
+  1.0/0.0` (tasks with a grader, e.g. arithmetic) and `next_token_logprobs(tokens_BxT,
+  input_mask_BxT)` (tasks whose true distribution is known, e.g. hmm).
+  """
 
   name: str
   splits: tuple[str, ...]
   max_prompt_chars: int  # longest prompt / completion the task produces (no BOS/EOS)
   max_completion_chars: int
-  # score(prompt, completion_text) -> 1.0/0.0, or None where no task metric exists.
-  score: Callable[[str, str], float] | None
 
   def num_examples(self, split: str) -> int: ...
 
