@@ -15,8 +15,9 @@ STUDENT = '--config=configs/arithmetic_student.py:small'
 
 def _params(workdir):
   """Final params of a run as numpy (restored without any sharding)."""
+  from distill.parallel import mesh as mesh_lib
   from distill.train import teacher as teacher_lib
-  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ('data',))
+  mesh = mesh_lib.make_mesh({'data': 1})
   _, params, _ = teacher_lib.load_exported(workdir, mesh)
   return jax.tree.leaves(jax.device_get(params))
 
@@ -73,7 +74,7 @@ def test_cli_overrides_and_files(tmp_path, teacher_dir):
   workdir = str(tmp_path)
   run_cli(workdir, STUDENT, f'--config.teacher.checkpoint={teacher_dir}',
           '--config.total_steps=4', '--config.loss.divergence=reverse_kl',
-          '--config.model.overrides.d_ff=48')
+          '--config.model.d_ff=48')
   saved = json.load(open(os.path.join(workdir, 'config.json')))
   assert saved['total_steps'] == 4 and saved['loss']['divergence'] == 'reverse_kl'
   assert json.load(open(os.path.join(workdir, 'model.json')))['d_ff'] == 48
@@ -112,7 +113,7 @@ def test_kd_without_teacher_is_refused(tmp_path):
 def test_teacher_vocab_mismatch(tmp_path, teacher_dir):
   config = small_config('arithmetic_student')
   config.teacher.checkpoint = teacher_dir
-  config.model.overrides.vocab_size = 128
+  config.model.vocab_size = 128
   with pytest.raises(ValueError, match='vocabular'):
     trainer.train(config, str(tmp_path))
 
@@ -123,7 +124,7 @@ def test_incompatible_workdir_is_refused_and_untouched(tmp_path, teacher_dir):
   trainer.train(config, workdir)
   before = sorted(os.listdir(os.path.join(workdir, 'checkpoints')))
   config = small_config('arithmetic_student', 'small,scratch')
-  config.model.overrides.d_model = 64
+  config.model.d_model = 64
   with pytest.raises(ValueError, match='incompatible run'):
     trainer.train(config, workdir)
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == before

@@ -6,7 +6,12 @@ ConfigDict is locked, so a misspelled key fails at once with the close matches n
 """
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
+from ml_collections import config_dict
+
+from distill.models import ModelConfig
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -26,8 +31,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.task = ml_collections.ConfigDict()
   c.task.name = 'arithmetic'
   c.task.kwargs = ml_collections.ConfigDict(type_safe=False)
-  c.task.prompt_len = 16
-  c.task.completion_len = 48
+  c.task.prompt_len = 0         # 0: the smallest length that fits every example of the task
+  c.task.completion_len = 0
 
   c.data = ml_collections.ConfigDict()
   c.data.batch_size = 32
@@ -35,7 +40,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.preset = 'student-500k'
-  c.model.overrides = ml_collections.ConfigDict(type_safe=False)
+  # Every ModelConfig field can replace the preset's value (None keeps the preset's),
+  # e.g. --config.model.d_ff=512 or --config.model.dtype=bfloat16.
+  for field in dataclasses.fields(ModelConfig):
+    c.model[field.name] = config_dict.placeholder(field.type)
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.checkpoint = ''     # a workdir of a finished role='teacher' run
@@ -96,8 +104,10 @@ def validate(config, *, model_max_seq_len: int | None = None, data_parallel: int
   positive('data.batch_size', config.data.batch_size)
   positive('data.eval_batch_size', config.data.eval_batch_size)
   positive('optimizer.learning_rate', config.optimizer.learning_rate)
-  positive('task.prompt_len', config.task.prompt_len)
-  positive('task.completion_len', config.task.completion_len)
+  for name in ('prompt_len', 'completion_len'):
+    if config.task[name] < 0:
+      raise ValueError(f'config.task.{name} must be positive (or 0 for the task\'s own), '
+                       f'got {config.task[name]}')
   positive('loss.temperature', config.loss.temperature)
   if config.eval_steps < 0:
     raise ValueError(f'config.eval_steps must be >= 0, got {config.eval_steps}')
@@ -146,3 +156,8 @@ def make_small(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.optimizer.warmup_steps = 2
   c.progress_bar = False
   return c
+
+
+def model_overrides(config) -> dict:
+  """The ModelConfig fields the config sets explicitly (the rest come from the preset)."""
+  return {k: v for k, v in config.model.items() if k != 'preset' and v is not None}

@@ -79,7 +79,7 @@ def distill_loss(ctx: StepContext, student_params, teacher_params, batch):
 def apply_gradients(ctx: StepContext, state, grads, metrics):
   updates, opt_state = ctx.optimizer.update(grads, state['opt_state'], state['params'])
   params = optax.apply_updates(state['params'], updates)
-  metrics = dict(metrics, grad_norm=(optax.global_norm(grads), jnp.float32(1.0)))
+  metrics = dict(metrics, grad_norm=(optax.tree.norm(grads), jnp.float32(1.0)))
   new_state = dict(state, params=params, opt_state=opt_state, step=state['step'] + 1)
   return new_state, metrics
 

@@ -64,8 +64,12 @@ def build_run(config, workdir: str) -> Run:
   config_lib.validate(config)
   tokenizer = CharTokenizer()
   task = tasks.get_task(config.task.name, **config.task.kwargs)
-  model_config = get_preset(config.model.preset, vocab_size=tokenizer.vocab_size,
-                            **config.model.overrides)
+  config = config.copy_and_resolve_references()
+  needed = tasks.sequence_lengths(task)
+  for name, length in zip(('prompt_len', 'completion_len'), needed):
+    config.task[name] = config.task[name] or length
+  overrides = config_lib.model_overrides(config)
+  model_config = get_preset(config.model.preset, **{'vocab_size': tokenizer.vocab_size, **overrides})
   model_config.validate()
   mesh = mesh_lib.make_mesh(config.mesh)
   config_lib.validate(config, model_max_seq_len=model_config.max_seq_len,
@@ -111,6 +115,7 @@ def train(config, workdir: str) -> dict:
   """Trains (or resumes) a run and returns its final evaluation metrics."""
   os.makedirs(workdir, exist_ok=True)
   run = build_run(config, workdir)
+  config = run.config   # with the task's sequence lengths resolved
   algorithm = algorithms.get(config.algorithm.name)(config, run)
   algorithm.validate()
   optimizer = opt_lib.make_optimizer(config)
