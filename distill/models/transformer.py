@@ -26,14 +26,16 @@ so e.g. `wq[l] == q_proj.weight.T`):
   final_norm  [D]                 ('embed',)
   unembed     [D, V]              ('embed', 'vocab')           only when not tied
 
-KV cache (a plain dict, passed in and returned): 'k', 'v' [L, B, S, Hkv, Dh] with logical axes
-CACHE_AXES['k']; 'key_mask' [B, S] int32 (1 = slot holds a real token); 'index' int32 scalar, the
-next slot to write (shared by all rows); 'pos' [B] int32, each row's next position id.
+KV cache (a plain dict, passed in and returned): 'k', 'v' [L, B, Hkv, S, Dh] (heads-major, so
+decode attention reads each layer's cache without a transpose; logical axes in CACHE_AXES);
+'key_mask' [B, S] int32 (1 = slot holds a real token); 'index' int32 scalar, the next slot to
+write (shared by all rows); 'pos' [B] int32, each row's next position id.
 """
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from distill.models.config import ModelConfig
@@ -43,8 +45,8 @@ from distill.models.config import ModelConfig
 _MASKED = -1e30
 
 CACHE_AXES = {
-    'k': ('layers', 'batch', 'cache_seq', 'kv_heads', 'head_dim'),
-    'v': ('layers', 'batch', 'cache_seq', 'kv_heads', 'head_dim'),
+    'k': ('layers', 'batch', 'kv_heads', 'cache_seq', 'head_dim'),
+    'v': ('layers', 'batch', 'kv_heads', 'cache_seq', 'head_dim'),
     'key_mask': ('batch', 'cache_seq'),
     'index': (),
     'pos': ('batch',),
@@ -70,21 +72,32 @@ def _rope(x_BxTxHxDh, pos_BxT, theta):
   return out.astype(x_BxTxHxDh.dtype)
 
 
-def _attend(q_BxTxHxDh, k_BxSxKxDh, v_BxSxKxDh, allowed_BxTxS):
-  """Grouped-query softmax attention with fp32 scores and probabilities."""
+def _attend(q_BxTxHxDh, blocks):
+  """Grouped-query softmax attention jointly over several blocks of keys; softmax in fp32.
+
+  blocks: sequence of (k [B,Hkv,S,Dh], v [B,Hkv,S,Dh], allowed [B,T,S]). Keeping the cached keys
+  and the new keys as separate blocks means the cache is only read, never copied, per layer.
+  The two matmuls run in the compute dtype (as in HF; XLA:CPU has no bf16 x bf16 -> fp32 dot).
+  """
   B, T, H, Dh = q_BxTxHxDh.shape
-  K = k_BxSxKxDh.shape[2]
+  K = blocks[0][0].shape[1]
   q = q_BxTxHxDh.reshape(B, T, K, H // K, Dh)
-  scores = jnp.einsum('btkgd,bskd->bkgts', q, k_BxSxKxDh, preferred_element_type=jnp.float32)
-  scores = jnp.where(allowed_BxTxS[:, None, None], scores * Dh ** -0.5, _MASKED)
-  probs = jax.nn.softmax(scores, axis=-1)
-  out = jnp.einsum('bkgts,bskd->btkgd', probs.astype(v_BxSxKxDh.dtype), v_BxSxKxDh,
-                   preferred_element_type=jnp.float32)
-  return out.reshape(B, T, H * Dh).astype(q_BxTxHxDh.dtype)
+  scores = [jnp.where(allowed[:, None, None],
+                      jnp.einsum('btkgd,bksd->bkgts', q, k).astype(jnp.float32) * Dh ** -0.5,
+                      _MASKED)
+            for k, _, allowed in blocks]
+  probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(q.dtype)
+  splits = np.cumsum([s.shape[-1] for s in scores])[:-1]
+  out = sum(jnp.einsum('bkgts,bksd->btkgd', p, v)
+            for p, (_, v, _) in zip(jnp.split(probs, splits, axis=-1), blocks))
+  return out.reshape(B, T, H * Dh)
 
 
 def _qkv(cfg, p, x_BxTxD, pos_BxT):
-  """Pre-norm, q/k/v projections (+bias, +qk-norm) and RoPE for one layer."""
+  """Pre-norm, q/k/v projections (+bias, +qk-norm) and RoPE for one layer.
+
+  Returns q [B, T, H, Dh] and heads-major k, v [B, Hkv, T, Dh].
+  """
   B, T, _ = x_BxTxD.shape
   dt, Dh = x_BxTxD.dtype, cfg.resolved_head_dim
   h = _rms_norm(x_BxTxD, p['attn_norm'], cfg.norm_eps).astype(dt)
@@ -99,7 +112,8 @@ def _qkv(cfg, p, x_BxTxD, pos_BxT):
   if cfg.qk_norm:
     q = _rms_norm(q, p['q_norm'], cfg.norm_eps).astype(dt)
     k = _rms_norm(k, p['k_norm'], cfg.norm_eps).astype(dt)
-  return _rope(q, pos_BxT, cfg.rope_theta), _rope(k, pos_BxT, cfg.rope_theta), v
+  k = _rope(k, pos_BxT, cfg.rope_theta)
+  return _rope(q, pos_BxT, cfg.rope_theta), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
 
 def _finish(cfg, p, x_BxTxD, attn_BxTxHDh):
@@ -109,6 +123,16 @@ def _finish(cfg, p, x_BxTxD, attn_BxTxHDh):
   h = _rms_norm(x, p['mlp_norm'], cfg.norm_eps).astype(dt)
   mlp = jax.nn.silu(h @ p['w_gate'].astype(dt)) * (h @ p['w_up'].astype(dt))
   return x + mlp @ p['w_down'].astype(dt)
+
+
+def _layer(cfg, p, x_BxTxD, pos_BxT, allowed_BxTxT, cached=()):
+  """One transformer layer over T new tokens; returns (x, k, v) with this layer's new k, v.
+
+  cached: optionally one (k_cache, v_cache, allowed [B,T,S]) block of earlier keys to attend to.
+  """
+  q, k, v = _qkv(cfg, p, x_BxTxD, pos_BxT)
+  attn = _attend(q, [*cached, (k, v, allowed_BxTxT)])
+  return _finish(cfg, p, x_BxTxD, attn), k, v
 
 
 def _positions(mask_BxT):
@@ -207,8 +231,7 @@ class Transformer(nnx.Module):
     cfg = self.config
 
     def body(x, p):
-      q, k, v = _qkv(cfg, p, x, pos_BxT)
-      x = _finish(cfg, p, x, _attend(q, k, v, allowed_BxTxT))
+      x, _, _ = _layer(cfg, p, x, pos_BxT, allowed_BxTxT)
       return x, (x if return_layers else None)
 
     if cfg.remat:
@@ -228,7 +251,7 @@ class Transformer(nnx.Module):
                        f'{batch_size}, {max_len}')
     if max_len > cfg.max_seq_len:
       raise ValueError(f'init_cache max_len={max_len} exceeds config.max_seq_len={cfg.max_seq_len}')
-    shape = (cfg.n_layers, batch_size, max_len, cfg.n_kv_heads, cfg.resolved_head_dim)
+    shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.resolved_head_dim)
     dtype = dtype or cfg.dtype
     return {
         'k': jnp.zeros(shape, dtype),
@@ -238,15 +261,16 @@ class Transformer(nnx.Module):
         'pos': jnp.zeros((batch_size,), jnp.int32),
     }
 
-  def prefill(self, tokens_BxP, input_mask_BxP, cache):
-    """Appends P tokens (left-padded prompts allowed) to the cache; returns (logits [B,P,V], cache).
+  def prefill(self, tokens_BxP, input_mask_BxP, cache, *, last_only=False):
+    """Appends P tokens (left-padded prompts allowed) to the cache; returns (logits, cache).
 
-    Writes slots [index, index + P); the caller must keep index + P <= cache size (a traced
-    index cannot be checked here).
+    logits are [B, P, V], or with last_only the last column's [B, V] (all a sampler needs; the
+    other P-1 columns are never projected onto the vocabulary). Writes slots [index, index + P);
+    the caller must keep index + P <= cache size (a traced index cannot be checked here).
     """
     tokens_BxP = self._check_tokens(tokens_BxP)
     B, P = tokens_BxP.shape
-    S = cache['k'].shape[2]
+    S = cache['k'].shape[3]
     if cache['k'].shape[1] != B:
       raise ValueError(f'cache has batch {cache["k"].shape[1]} but tokens have batch {B}')
     if P > S:
@@ -255,39 +279,43 @@ class Transformer(nnx.Module):
     mask_BxP = mask_BxP.astype(jnp.int32)
     index = cache['index']
     pos_BxP = cache['pos'][:, None] + _positions(mask_BxP)
-    key_mask_BxS = jax.lax.dynamic_update_slice(cache['key_mask'], mask_BxP, (0, index))
-    # Slot order is time order: query i (in slot index + i) sees slots <= its own.
-    slot_S = jnp.arange(S)
-    allowed_BxPxS = ((slot_S[None, :] <= index + jnp.arange(P)[:, None])[None]
-                     & (key_mask_BxS[:, None, :] > 0))
+    # Earlier tokens: every real slot of the cache (slots >= index are never written, so their
+    # key_mask is 0). New tokens: causal among themselves, padding excluded. The barrier stops
+    # XLA from constant-folding the attention over a fresh (all-masked) cache, which took seconds.
+    key_mask_BxS = jax.lax.optimization_barrier(cache['key_mask'])
+    allowed_old_BxPxS = jnp.broadcast_to(key_mask_BxS[:, None, :] > 0, (B, P, S))
+    allowed_new_BxPxP = jnp.tril(jnp.ones((P, P), bool))[None] & (mask_BxP[:, None, :] > 0)
     cfg = self.config
 
-    def body(carry, xs):
-      x, k_cache, v_cache = carry
-      p, layer = xs
-      q, k, v = _qkv(cfg, p, x, pos_BxP)
-      start = (layer, 0, index, 0, 0)
-      k_cache = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), start)
-      v_cache = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), start)
-      attn = _attend(q, k_cache[layer].astype(x.dtype), v_cache[layer].astype(x.dtype),
-                     allowed_BxPxS)
-      return (_finish(cfg, p, x, attn), k_cache, v_cache), None
+    def body(x, xs):
+      p, k_cache, v_cache = xs
+      cached = ((k_cache.astype(x.dtype), v_cache.astype(x.dtype), allowed_old_BxPxS),)
+      x, k, v = _layer(cfg, p, x, pos_BxP, allowed_new_BxPxP, cached)
+      return x, (k.astype(k_cache.dtype), v.astype(v_cache.dtype))
 
-    xs = (self.layers.arrays(), jnp.arange(cfg.n_layers))
-    (x, k_cache, v_cache), _ = jax.lax.scan(
-        body, (self._embed(tokens_BxP), cache['k'], cache['v']), xs, unroll=cfg.scan_unroll)
-    logits = self.logits(_rms_norm(x, self.final_norm[...], cfg.norm_eps))
-    new_cache = {'k': k_cache, 'v': v_cache, 'key_mask': key_mask_BxS,
-                 'index': index + P, 'pos': cache['pos'] + mask_BxP.sum(axis=1)}
-    return logits, new_cache
+    # The cache is only read inside the layer scan and written once after it: on CPU, writing
+    # it inside the scan made XLA copy the whole cache for every layer.
+    x, (k_LxBxKxPxDh, v_LxBxKxPxDh) = jax.lax.scan(
+        body, self._embed(tokens_BxP), (self.layers.arrays(), cache['k'], cache['v']),
+        unroll=cfg.scan_unroll)
+    start = (0, 0, 0, index, 0)
+    new_cache = {
+        'k': jax.lax.dynamic_update_slice(cache['k'], k_LxBxKxPxDh, start),
+        'v': jax.lax.dynamic_update_slice(cache['v'], v_LxBxKxPxDh, start),
+        'key_mask': jax.lax.dynamic_update_slice(cache['key_mask'], mask_BxP, (0, index)),
+        'index': index + P,
+        'pos': cache['pos'] + mask_BxP.sum(axis=1),
+    }
+    if last_only:
+      x = x[:, -1]
+    return self.logits(_rms_norm(x, self.final_norm[...], cfg.norm_eps)), new_cache
 
   def decode_step(self, tokens_Bx1, cache):
     """Appends one real token per row; returns (logits [B, V], cache)."""
     tokens_Bx1 = self._check_tokens(tokens_Bx1)
     if tokens_Bx1.shape[1] != 1:
       raise ValueError(f'decode_step takes tokens of shape [B, 1], got {tokens_Bx1.shape}')
-    logits, cache = self.prefill(tokens_Bx1, None, cache)
-    return logits[:, 0], cache
+    return self.prefill(tokens_Bx1, None, cache, last_only=True)
 
   # ---- helpers -----------------------------------------------------------------------------
 

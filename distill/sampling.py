@@ -1,0 +1,210 @@
+"""Batched generation for any Transformer: one prefill, then a compiled decode loop.
+
+Shapes are fixed: the KV cache holds P + max_new_tokens slots and outputs are [B, N] with
+N = max_new_tokens. The loop is a `lax.while_loop` that also ends once every row has emitted
+EOS, so short completions cost only their length; the result does not depend on when it ends
+(step i always samples with `fold_in(rng, i)`).
+
+Sampling distribution at each step (Hugging Face's order): logits / temperature, then keep the
+top_k largest, then keep the smallest set of most likely tokens whose probability reaches top_p
+(renormalised after top-k). Ties at a cut-off are all kept. temperature == 0 is greedy argmax.
+"""
+import dataclasses
+import functools
+import math
+import numbers
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from distill.models.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  max_new_tokens: int
+  temperature: float = 1.0     # 0 = greedy
+  top_k: int = 0               # 0 = no top-k cut
+  top_p: float = 1.0           # 1 = no nucleus cut
+  eos_id: int | None = None    # None = never stop early
+  pad_id: int = 0              # emitted by a row after its EOS
+
+
+def validate_sampling(cfg: SamplingConfig, model_config: ModelConfig, prompt_len: int) -> None:
+  """Raises ValueError naming the bad field; call before tracing (generate does)."""
+  def is_int(x):
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+  def is_real(x):
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+  n = cfg.max_new_tokens
+  if not is_int(n) or n <= 0:
+    raise ValueError(f'SamplingConfig.max_new_tokens must be a positive int, got {n!r}')
+  if prompt_len + n > model_config.max_seq_len:
+    raise ValueError(f'prompt_len {prompt_len} + max_new_tokens {n} exceeds the model\'s '
+                     f'max_seq_len {model_config.max_seq_len}')
+  t = cfg.temperature
+  if not is_real(t) or not 0 <= t < math.inf:
+    raise ValueError(f'SamplingConfig.temperature must be a finite number >= 0, got {t!r}')
+  if not is_int(cfg.top_k) or cfg.top_k < 0:
+    raise ValueError(f'SamplingConfig.top_k must be an int >= 0 (0 = off), got {cfg.top_k!r}')
+  if not is_real(cfg.top_p) or not 0 < cfg.top_p <= 1:
+    raise ValueError(f'SamplingConfig.top_p must be in (0, 1], got {cfg.top_p!r}')
+  vocab = model_config.vocab_size
+  for name in ('eos_id', 'pad_id'):
+    value = getattr(cfg, name)
+    if value is None and name == 'eos_id':
+      continue
+    if not is_int(value) or not 0 <= value < vocab:
+      raise ValueError(f'SamplingConfig.{name}={value!r} is not a token id of a vocabulary '
+                       f'of {vocab}')
+
+
+def sampling_logits(logits_BxV, cfg: SamplingConfig):
+  """Unnormalised fp32 log-probabilities of the sampling distribution (-inf = excluded).
+
+  Requires temperature > 0 (greedy has no distribution to adjust).
+  """
+  x = logits_BxV.astype(jnp.float32) / cfg.temperature
+  V = x.shape[-1]
+  if 0 < cfg.top_k < V:
+    kth_Bx1 = jax.lax.top_k(x, cfg.top_k)[0][:, -1:]
+    x = jnp.where(x < kth_Bx1, -jnp.inf, x)
+  if cfg.top_p < 1:
+    sorted_BxV = -jnp.sort(-x, axis=-1)
+    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+    mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+    # Kept: tokens whose predecessors' mass is still short of top_p (the top one always is).
+    n_keep_Bx1 = jnp.sum(mass_before_BxV < cfg.top_p, axis=-1, keepdims=True)
+    threshold_Bx1 = jnp.take_along_axis(sorted_BxV, n_keep_Bx1 - 1, axis=-1)
+    x = jnp.where(x < threshold_Bx1, -jnp.inf, x)
+  return x
+
+
+def _categorical(rng, logits_BxV):
+  """Exact categorical sample in two levels: a block of ~sqrt(V) ids, then an id inside it.
+
+  Draws 2*sqrt(V) Gumbel numbers per row instead of V (random bits dominate sampling time on
+  CPU at real vocabularies). Returns (token [B], logsumexp of the logits [B]).
+  """
+  B, V = logits_BxV.shape
+  n_blocks = math.isqrt(V - 1) + 1
+  size = -(-V // n_blocks)
+  padded_BxV = jnp.pad(logits_BxV, ((0, 0), (0, n_blocks * size - V)), constant_values=-jnp.inf)
+  blocks_BxNxS = padded_BxV.reshape(B, n_blocks, size)
+  block_lse_BxN = jax.nn.logsumexp(blocks_BxNxS, axis=-1)
+  # Gumbel-max at both levels, from one draw (each random-bits call is slow to compile on CPU).
+  gumbel_BxG = jax.random.gumbel(rng, (B, n_blocks + size))
+  block_B = jnp.argmax(block_lse_BxN + gumbel_BxG[:, :n_blocks], axis=-1)
+  inner_BxS = jnp.take_along_axis(blocks_BxNxS, block_B[:, None, None], axis=1)[:, 0]
+  inner_B = jnp.argmax(inner_BxS + gumbel_BxG[:, n_blocks:], axis=-1)
+  return (block_B * size + inner_B).astype(jnp.int32), jax.nn.logsumexp(block_lse_BxN, axis=-1)
+
+
+def sample_from_logits(rng, logits_BxV, cfg: SamplingConfig):
+  """One token per row of logits, drawn from the distribution cfg describes.
+
+  Returns (token [B] int32, its log-prob under that sampling distribution [B] (0 for greedy),
+  its log-prob under softmax(logits) itself [B]).
+  """
+  logits_BxV = logits_BxV.astype(jnp.float32)
+  untouched = cfg.temperature == 1 and cfg.top_k == 0 and cfg.top_p == 1
+  if cfg.temperature == 0:
+    token_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    logp_B = jnp.zeros(token_B.shape, jnp.float32)  # greedy is deterministic
+  else:
+    adjusted_BxV = sampling_logits(logits_BxV, cfg)
+    token_B, lse_B = _categorical(rng, adjusted_BxV)
+    logp_B = jnp.take_along_axis(adjusted_BxV, token_B[:, None], axis=-1)[:, 0] - lse_B
+  if not untouched:
+    lse_B = jax.nn.logsumexp(logits_BxV, axis=-1)
+  model_logp_B = jnp.take_along_axis(logits_BxV, token_B[:, None], axis=-1)[:, 0] - lse_B
+  return token_B, logp_B, model_logp_B
+
+
+def generate(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, cfg: SamplingConfig) -> dict:
+  """Samples max_new_tokens continuations of left-padded prompts. Pure; jit with cfg static.
+
+  Returns dict of [B, N] arrays:
+    tokens_BxN          generated ids (pad_id after a row's EOS)
+    mask_BxN            int32, 1 up to and including the row's EOS, 0 after
+    logprobs_BxN        log-prob of each token under the sampling distribution (after
+                        temperature / top-k / top-p; 0 for greedy), 0 where mask is 0
+    model_logprobs_BxN  log-prob of each token under the model itself (temperature 1), 0 where
+                        mask is 0
+  A row whose prompt mask is all zero (a padding row) generates nothing (mask all 0).
+  """
+  model = nnx.merge(graphdef, params)
+  B, P = prompt_BxP.shape
+  validate_sampling(cfg, model.config, P)
+  N = cfg.max_new_tokens
+  prompt_mask_BxP = prompt_mask_BxP.astype(jnp.int32)
+  # Each step feeds its token back, the last one included, hence P + N slots.
+  cache = model.init_cache(B, P + N)
+  logits_BxV, cache = model.prefill(prompt_BxP, prompt_mask_BxP, cache, last_only=True)
+
+  def write(out_BxN, i, value_B):
+    return jax.lax.dynamic_update_slice_in_dim(out_BxN, value_B[:, None].astype(out_BxN.dtype),
+                                               i, axis=1)
+
+  def body(state):
+    i, logits_BxV, cache, done_B, out = state
+    token_B, logp_B, model_logp_B = sample_from_logits(jax.random.fold_in(rng, i), logits_BxV,
+                                                       cfg)
+    live_B = ~done_B
+    token_B = jnp.where(live_B, token_B, cfg.pad_id)
+    out = {
+        'tokens_BxN': write(out['tokens_BxN'], i, token_B),
+        'mask_BxN': write(out['mask_BxN'], i, live_B),
+        'logprobs_BxN': write(out['logprobs_BxN'], i, jnp.where(live_B, logp_B, 0.0)),
+        'model_logprobs_BxN': write(out['model_logprobs_BxN'], i,
+                                    jnp.where(live_B, model_logp_B, 0.0)),
+    }
+    if cfg.eos_id is not None:
+      done_B = done_B | (token_B == cfg.eos_id)
+    logits_BxV, cache = model.decode_step(token_B[:, None], cache)
+    return i + 1, logits_BxV, cache, done_B, out
+
+  def cond(state):
+    i, _, _, done_B, _ = state
+    return (i < N) & ~jnp.all(done_B)
+
+  out = {
+      'tokens_BxN': jnp.full((B, N), cfg.pad_id, jnp.int32),
+      'mask_BxN': jnp.zeros((B, N), jnp.int32),
+      'logprobs_BxN': jnp.zeros((B, N), jnp.float32),
+      'model_logprobs_BxN': jnp.zeros((B, N), jnp.float32),
+  }
+  done_B = prompt_mask_BxP.sum(axis=1) == 0
+  state = (jnp.zeros((), jnp.int32), logits_BxV, cache, done_B, out)
+  return jax.lax.while_loop(cond, body, state)[-1]
+
+
+def make_generate_fn(graphdef, cfg: SamplingConfig):
+  """jax.jit of generate for fixed graphdef and cfg: fn(params, prompt_BxP, prompt_mask_BxP, rng).
+
+  Compiles once per prompt shape and is reused across calls with new params/prompts/rngs.
+  """
+  return jax.jit(functools.partial(generate, graphdef, cfg=cfg))
+
+
+def training_batch(prompt_BxP, prompt_mask_BxP, sample: dict, pad_id: int) -> dict:
+  """The data pipeline's batch layout for prompts and their sampled completions.
+
+  tokens [B, P+N] int32, targets (tokens shifted left, last = pad_id) int32, input_mask int32,
+  loss_mask float32: 1 at column t when the target token t+1 is a generated token with mask 1.
+  """
+  tokens_BxT = jnp.concatenate([prompt_BxP, sample['tokens_BxN']], axis=1).astype(jnp.int32)
+  mask_BxN = sample['mask_BxN'].astype(jnp.int32)
+  B, P = prompt_BxP.shape
+  pad_Bx1 = jnp.full((B, 1), pad_id, jnp.int32)
+  return {
+      'tokens': tokens_BxT,
+      'targets': jnp.concatenate([tokens_BxT[:, 1:], pad_Bx1], axis=1),
+      'input_mask': jnp.concatenate([prompt_mask_BxP.astype(jnp.int32), mask_BxN], axis=1),
+      'loss_mask': jnp.concatenate([jnp.zeros((B, P - 1), jnp.float32),
+                                    mask_BxN.astype(jnp.float32),
+                                    jnp.zeros((B, 1), jnp.float32)], axis=1),
+  }
