@@ -208,3 +208,7 @@ def training_batch(prompt_BxP, prompt_mask_BxP, sample: dict, pad_id: int) -> di
                                     mask_BxN.astype(jnp.float32),
                                     jnp.zeros((B, 1), jnp.float32)], axis=1),
   }
+
+
+# The name distill.eval uses for the same layout.
+training_rows = training_batch

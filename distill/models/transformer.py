@@ -60,12 +60,17 @@ def _rms_norm(x, w, eps):
   return x * w.astype(jnp.float32)
 
 
-def _rope(x_BxTxHxDh, pos_BxT, theta):
-  """Rotary embedding, HF 'rotate_half' convention (pairs i and i + Dh/2), computed in fp32."""
-  half = x_BxTxHxDh.shape[-1] // 2
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, 2 * half, 2, dtype=jnp.float32) / (2 * half)))
+def _rope_tables(pos_BxT, head_dim, theta):
+  """cos, sin [B, T, 1, Dh/2] of the rotary angles pos * theta^(-2i/Dh), in fp32."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
   angle_BxTx1xK = (pos_BxT.astype(jnp.float32)[..., None] * inv_freq)[:, :, None, :]
-  cos, sin = jnp.cos(angle_BxTx1xK), jnp.sin(angle_BxTx1xK)
+  return jnp.cos(angle_BxTx1xK), jnp.sin(angle_BxTx1xK)
+
+
+def _rope(x_BxTxHxDh, rope):
+  """Rotary embedding, HF 'rotate_half' convention (pairs i and i + Dh/2), computed in fp32."""
+  cos, sin = rope
+  half = x_BxTxHxDh.shape[-1] // 2
   x = x_BxTxHxDh.astype(jnp.float32)
   x1, x2 = x[..., :half], x[..., half:]
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -93,7 +98,7 @@ def _attend(q_BxTxHxDh, blocks):
   return out.reshape(B, T, H * Dh)
 
 
-def _qkv(cfg, p, x_BxTxD, pos_BxT):
+def _qkv(cfg, p, x_BxTxD, rope):
   """Pre-norm, q/k/v projections (+bias, +qk-norm) and RoPE for one layer.
 
   Returns q [B, T, H, Dh] and heads-major k, v [B, Hkv, T, Dh].
@@ -112,8 +117,7 @@ def _qkv(cfg, p, x_BxTxD, pos_BxT):
   if cfg.qk_norm:
     q = _rms_norm(q, p['q_norm'], cfg.norm_eps).astype(dt)
     k = _rms_norm(k, p['k_norm'], cfg.norm_eps).astype(dt)
-  k = _rope(k, pos_BxT, cfg.rope_theta)
-  return _rope(q, pos_BxT, cfg.rope_theta), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+  return _rope(q, rope), _rope(k, rope).transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
 
 def _finish(cfg, p, x_BxTxD, attn_BxTxHDh):
@@ -125,12 +129,13 @@ def _finish(cfg, p, x_BxTxD, attn_BxTxHDh):
   return x + mlp @ p['w_down'].astype(dt)
 
 
-def _layer(cfg, p, x_BxTxD, pos_BxT, allowed_BxTxT, cached=()):
+def _layer(cfg, p, x_BxTxD, rope, allowed_BxTxT, cached=()):
   """One transformer layer over T new tokens; returns (x, k, v) with this layer's new k, v.
 
+  rope: the (cos, sin) tables of the new tokens' positions, shared by all layers.
   cached: optionally one (k_cache, v_cache, allowed [B,T,S]) block of earlier keys to attend to.
   """
-  q, k, v = _qkv(cfg, p, x_BxTxD, pos_BxT)
+  q, k, v = _qkv(cfg, p, x_BxTxD, rope)
   attn = _attend(q, [*cached, (k, v, allowed_BxTxT)])
   return _finish(cfg, p, x_BxTxD, attn), k, v
 
@@ -224,14 +229,13 @@ class Transformer(nnx.Module):
     """
     tokens_BxT = self._check_tokens(tokens_BxT)
     B, T = tokens_BxT.shape
-    mask_BxT = jnp.ones((B, T), jnp.int32) if input_mask_BxT is None else input_mask_BxT
-    pos_BxT = _positions(mask_BxT)
-    causal_TxT = jnp.tril(jnp.ones((T, T), bool))
-    allowed_BxTxT = causal_TxT[None] & (mask_BxT[:, None, :] > 0)
     cfg = self.config
+    mask_BxT = jnp.ones((B, T), jnp.int32) if input_mask_BxT is None else input_mask_BxT
+    rope = _rope_tables(_positions(mask_BxT), cfg.resolved_head_dim, cfg.rope_theta)
+    allowed_BxTxT = jnp.tril(jnp.ones((T, T), bool))[None] & (mask_BxT[:, None, :] > 0)
 
     def body(x, p):
-      x, _, _ = _layer(cfg, p, x, pos_BxT, allowed_BxTxT)
+      x, _, _ = _layer(cfg, p, x, rope, allowed_BxTxT)
       return x, (x if return_layers else None)
 
     if cfg.remat:
@@ -278,19 +282,20 @@ class Transformer(nnx.Module):
     mask_BxP = jnp.ones((B, P), jnp.int32) if input_mask_BxP is None else input_mask_BxP
     mask_BxP = mask_BxP.astype(jnp.int32)
     index = cache['index']
-    pos_BxP = cache['pos'][:, None] + _positions(mask_BxP)
+    cfg = self.config
+    rope = _rope_tables(cache['pos'][:, None] + _positions(mask_BxP), cfg.resolved_head_dim,
+                        cfg.rope_theta)
     # Earlier tokens: every real slot of the cache (slots >= index are never written, so their
     # key_mask is 0). New tokens: causal among themselves, padding excluded. The barrier stops
     # XLA from constant-folding the attention over a fresh (all-masked) cache, which took seconds.
     key_mask_BxS = jax.lax.optimization_barrier(cache['key_mask'])
     allowed_old_BxPxS = jnp.broadcast_to(key_mask_BxS[:, None, :] > 0, (B, P, S))
     allowed_new_BxPxP = jnp.tril(jnp.ones((P, P), bool))[None] & (mask_BxP[:, None, :] > 0)
-    cfg = self.config
 
     def body(x, xs):
       p, k_cache, v_cache = xs
       cached = ((k_cache.astype(x.dtype), v_cache.astype(x.dtype), allowed_old_BxPxS),)
-      x, k, v = _layer(cfg, p, x, pos_BxP, allowed_new_BxPxP, cached)
+      x, k, v = _layer(cfg, p, x, rope, allowed_new_BxPxP, cached)
       return x, (k.astype(k_cache.dtype), v.astype(v_cache.dtype))
 
     # The cache is only read inside the layer scan and written once after it: on CPU, writing
