@@ -9,10 +9,20 @@ from __future__ import annotations
 import difflib
 
 from distill.algorithms.base import Algorithm
+from distill.algorithms.distillm import DistiLLM
+from distill.algorithms.gkd import GKD
+from distill.algorithms.minillm import MiniLLM
+from distill.algorithms.onpolicy_rkl import OnPolicyReverseKL
+from distill.algorithms.skd import SKD
 from distill.algorithms.supervised import Supervised
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
     'supervised': Supervised,
+    'gkd': GKD,
+    'distillm': DistiLLM,
+    'minillm': MiniLLM,
+    'onpolicy_rkl': OnPolicyReverseKL,
+    'skd': SKD,
 }
 
 
