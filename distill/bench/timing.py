@@ -1,0 +1,110 @@
+"""Timing primitives of the benchmark: step timer with compile counting, matmul peak, versions."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import statistics
+import subprocess
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+import optax
+
+# jax records one such event per XLA compilation (jax._src.dispatch.BACKEND_COMPILE_EVENT).
+_COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
+_compiles = 0
+
+
+def _on_event(event: str, duration_secs: float, **kwargs) -> None:
+  global _compiles
+  if event == _COMPILE_EVENT:
+    _compiles += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_event)
+
+
+def compile_count() -> int:
+  """XLA compilations so far in this process (any function, including eager ops)."""
+  return _compiles
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+  compile_s: float          # the first call, compilation included
+  step_s: list[float]       # each timed call, after the warm-up calls
+  compiles_during_timed: int
+
+  @property
+  def median_s(self) -> float:
+    return statistics.median(self.step_s)
+
+
+def time_steps(step: Callable[[Any], Any], carry: Any, steps: int,
+               warmup: int = 1) -> tuple[Timing, Any]:
+  """Times `carry = step(carry)`: one compiling call, `warmup` more, then `steps` timed ones.
+  Returns the timing and the last carry.
+
+  Each call is waited for (block_until_ready on everything it returns) before the clock
+  stops, so asynchronous dispatch cannot hide work. Threading the carry lets a step donate it.
+  """
+  start = time.perf_counter()
+  carry = jax.block_until_ready(step(carry))
+  compile_s = time.perf_counter() - start
+  for _ in range(warmup):
+    carry = jax.block_until_ready(step(carry))
+  before = compile_count()
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    carry = jax.block_until_ready(step(carry))
+    times.append(time.perf_counter() - start)
+  return Timing(compile_s, times, compile_count() - before), carry
+
+
+def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
+  """FLOP/s of a jitted fp32 n×n×n matmul (median of `repeats`): the machine's practical peak."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+  matmul = jax.jit(jnp.matmul)
+  t, _ = time_steps(lambda _: matmul(a, b), None, repeats)
+  return 2 * n**3 / t.median_s
+
+
+def _git_commit() -> str | None:
+  try:
+    out = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True,
+                         text=True, timeout=10, cwd=os.path.dirname(os.path.abspath(__file__)))
+    return out.stdout.strip() or None
+  except (OSError, subprocess.SubprocessError):
+    return None
+
+
+def environment() -> dict:
+  """Software versions and the device, for every result line."""
+  device = jax.devices()[0]
+  return {
+      'jax': jax.__version__, 'jaxlib': jaxlib.__version__, 'flax': flax.__version__,
+      'optax': optax.__version__, 'numpy': np.__version__, 'python': platform.python_version(),
+      'platform': device.platform, 'device_kind': device.device_kind,
+      'machine': platform.processor() or platform.machine(), 'git_commit': _git_commit(),
+  }
+
+
+def device_peak_memory() -> int | None:
+  """The allocator's peak bytes in use on device 0, where the backend reports it (not CPU)."""
+  stats = jax.devices()[0].memory_stats()
+  return None if not stats else stats.get('peak_bytes_in_use')
+
+
+def compiled_footprint(compiled) -> int:
+  """Arguments + outputs + temporaries of a compiled executable, donated buffers counted once."""
+  m = compiled.memory_analysis()
+  return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+          - m.alias_size_in_bytes)
