@@ -76,6 +76,7 @@ def test_names_shapes_types_and_metadata(llama_gqa, tmp_path, file_type, qtype, 
   vocab = {i: t for t, i in Tokenizer.from_file(
       os.path.join(fixture('llama_gqa'), 'tokenizer.json')).get_vocab(True).items()}
   assert field(reader, 'tokenizer.ggml.model') == 'gpt2'
+  assert field(reader, 'tokenizer.ggml.pre') == 'gpt-2'   # ByteLevel's own GPT-2 split regex
   assert field(reader, 'tokenizer.ggml.tokens') == [vocab[i] for i in range(150)]
   assert field(reader, 'tokenizer.ggml.merges') == [' '.join(m) for m in spec['model']['merges']]
   types = field(reader, 'tokenizer.ggml.token_type')
@@ -178,6 +179,38 @@ def test_llama_cpp_conventions_reproduce_transformers_logits(name, arch, tmp_pat
   assert field(gguf.GGUFReader(path), 'general.architecture') == arch
   ref = np.load(os.path.join(fixture(name), 'reference.npz'))
   np.testing.assert_allclose(gguf_forward(path, ref['tokens']), ref['logits'], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize('name', ['llama_gqa', 'qwen2', 'qwen3', 'padded_vocab'])
+def test_llama_cpp_runs_the_export(name, tmp_path):
+  """The real llama.cpp (llama-cpp-python, optional) reads the file: same logits, same tokens."""
+  llama_cpp = pytest.importorskip('llama_cpp')
+  path = str(tmp_path / 'm.gguf')
+  gguf_export.export_gguf(load(name), path, tokenizer=fixture(name), file_type='f32')
+  # fp32 KV cache: llama.cpp's default f16 cache alone moves logits by ~1e-3.
+  llm = llama_cpp.Llama(model_path=path, n_ctx=64, logits_all=True, n_threads=1, verbose=False,
+                        type_k=0, type_v=0)
+  ref = np.load(os.path.join(fixture(name), 'reference.npz'))
+  for tokens_T, want_TxV in zip(ref['tokens'], ref['logits']):
+    llm.reset()
+    llm.eval(tokens_T.tolist())
+    np.testing.assert_allclose(np.asarray(llm.scores[:len(tokens_T)]), want_TxV, atol=1e-4, rtol=0)
+  tokenizer = HFTokenizer(fixture(name))
+  for text in ('hello world', 'The cat sat on the mat, 123!', '<|im_start|>user\nhi<|im_end|>'):
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == tokenizer.encode(text)
+
+
+@pytest.mark.parametrize('file_type,tolerance', [('f16', 0.01), ('q8_0', 0.1)])
+def test_llama_cpp_runs_quantised_exports(llama_gqa, tmp_path, file_type, tolerance):
+  llama_cpp = pytest.importorskip('llama_cpp')
+  path = str(tmp_path / 'm.gguf')
+  gguf_export.export_gguf(llama_gqa, path, tokenizer=fixture('llama_gqa'), file_type=file_type)
+  llm = llama_cpp.Llama(model_path=path, n_ctx=64, logits_all=True, n_threads=1, verbose=False,
+                        type_k=0, type_v=0)
+  ref = np.load(os.path.join(fixture('llama_gqa'), 'reference.npz'))
+  llm.eval(ref['tokens'][0].tolist())
+  err = np.abs(np.asarray(llm.scores[:ref['tokens'].shape[1]]) - ref['logits'][0]).max()
+  assert err < tolerance * np.abs(ref['logits'][0]).max()
 
 
 def test_llama_arch_needs_the_permutation(llama_gqa, tmp_path, monkeypatch):

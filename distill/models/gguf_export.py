@@ -14,7 +14,10 @@ what llama.cpp's convert_hf_to_gguf.py writes. Two conventions follow that conve
 
 The vocabulary is written as llama.cpp's 'gpt2' (byte-level BPE) tokenizer: tokens, types,
 merges, special ids and the chat template, with ids the model has beyond the tokenizer written as
-'[PAD{i}]' (as the converter does). Run the file with e.g. `llama-cli -m student.gguf -p "..."`.
+'[PAD{i}]' (as the converter does). llama.cpp does not run tokenizer.json's pre-tokenizer; it
+picks a built-in one by the name in tokenizer.ggml.pre, which is recognised here from the split
+regex (Llama 3 'llama-bpe', Qwen2/2.5/3 'qwen2', plain byte-level 'gpt-2') or given explicitly.
+Run the file with e.g. `llama-cli -m student.gguf -cnv` (the chat template is in the file).
 """
 from __future__ import annotations
 
@@ -90,6 +93,19 @@ def _encode(value: np.ndarray, qtype) -> tuple[np.ndarray, gguf.GGMLQuantization
   return value.astype(np.float16), gguf.GGMLQuantizationType.F16
 
 
+def _pre_tokenizer_name(pre_tokenizer: dict) -> str:
+  """llama.cpp's name for a tokenizer.json pre-tokenizer: a known Split regex, else GPT-2's
+  regex when ByteLevel splits with its own, else 'default'."""
+  parts = pre_tokenizer.get('pretokenizers', [pre_tokenizer])
+  for part in parts:
+    regex = (part.get('pattern') or {}).get('Regex')
+    if part.get('type') == 'Split' and regex in _PRE_TOKENIZERS:
+      return _PRE_TOKENIZERS[regex]
+  if any(p.get('type') == 'ByteLevel' and p.get('use_regex', True) for p in parts):
+    return 'gpt-2'
+  return 'default'
+
+
 def _tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer, vocab_size: int, pre: str | None):
   spec = json.loads(tokenizer.tokenizer.to_str())
   model = spec.get('model') or {}
@@ -112,10 +128,7 @@ def _tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer, vocab_size: int, pre
       types.append(gguf.TokenType.NORMAL if i not in added else
                    gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
   merges = [m if isinstance(m, str) else ' '.join(m) for m in model.get('merges', [])]
-  if pre is None:
-    regexes = [p.get('pattern', {}).get('Regex') for p in
-               (spec.get('pre_tokenizer') or {}).get('pretokenizers', [])]
-    pre = next((_PRE_TOKENIZERS[r] for r in regexes if r in _PRE_TOKENIZERS), 'default')
+  pre = pre or _pre_tokenizer_name(spec.get('pre_tokenizer') or {})
   writer.add_tokenizer_model('gpt2')
   writer.add_tokenizer_pre(pre)
   writer.add_token_list(tokens)
@@ -139,7 +152,7 @@ def export_gguf(model, path: str, *, tokenizer=None, file_type: str = 'f16',
   no vocabulary (tokenizer.ggml.model 'none') and llama.cpp cannot tokenize text for it.
   arch: 'llama', 'qwen2' or 'qwen3'; None picks qwen3 for q/k norm, qwen2 for qkv bias, else
   llama. tokenizer_pre: llama.cpp pre-tokenizer name; None recognises Llama 3 / Qwen2 split
-  regexes and otherwise writes 'default'.
+  regexes and GPT-2's byte-level regex, and otherwise writes 'default'.
   """
   cfg = model.config
   if file_type not in FILE_TYPES:
