@@ -1,20 +1,21 @@
 """The cases of /work/shared/BENCHMARK.md, each built from the framework's own code paths.
 
-The distillation step is `distill.train.step.train_step` jitted exactly as the trainer jits it
-(state from `create_train_state`, donated; the trainer's optimiser from the default config);
-on-policy sampling is `distill.sampling.generate` + `training_batch` inside that same jit, as an
-on-policy algorithm's step runs it; the loss-memory figures come from `distill.losses.bench`.
-Every case returns a dict of measured fields; `distill.bench.__main__` adds the shared ones.
+The steps are the registered algorithms' steps, built and jitted as `distill.train.trainer`
+builds them (config -> token_fn, optimiser, StepContext; state from `create_train_state`,
+donated): `offpolicy_step` is 'supervised' (the plain `train_step`), `onpolicy_step` is 'gkd'
+with lmbda=1 (the student samples inside the jitted step, then the same `train_step`).
+`generate` is `distill.sampling.make_generate_fn`; the loss-memory figures come from
+`distill.losses.bench`. Every case returns a dict of measured fields for `distill.bench.cli`.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
+import types
 
 import jax
 import jax.numpy as jnp
 
-from distill import losses, sampling
+from distill import algorithms, sampling
 from distill.bench import flops, timing
 from distill.losses import bench as loss_bench
 from distill.models import ModelConfig, get_preset
@@ -23,6 +24,11 @@ from distill.train import config as config_lib
 from distill.train import optimizer as opt_lib
 from distill.train import state as state_lib
 from distill.train import step as step_lib
+from distill.train import trainer
+
+# Random weights and token ids need no tokenizer; no EOS id means no early stop, so every
+# row samples all completion tokens (BENCHMARK.md).
+_NO_EOS_TOKENIZER = types.SimpleNamespace(eos_id=None, pad_id=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,23 +61,39 @@ def make_shapes(small: bool, dtype: str) -> Shapes:
                 memory=dict(batch=2, seq=64, hidden=32, vocab=1024, chunk=16), matmul_n=256)
 
 
-def jsd_token_fn():
-  return losses.token_objective('jsd', beta=0.5, temperature=1.0)
+def bench_config(shapes: Shapes, algorithm: str, chunk_size: int):
+  """The experiment config of a benchmark run: JSD(0.5) at temperature 1, no CE, AdamW."""
+  c = config_lib.base_config()
+  c.data.batch_size = shapes.batch
+  c.task.prompt_len, c.task.completion_len = shapes.prompt_len, shapes.completion_len
+  c.loss.divergence, c.loss.kd_weight, c.loss.ce_weight = 'jsd', 1.0, 0.0
+  c.loss.temperature, c.loss.chunk_size = 1.0, chunk_size
+  c.algorithm.name = algorithm
+  with c.unlocked():
+    c.loss.hparams.beta = 0.5
+    if algorithm == 'gkd':   # always on-policy, sampling from the plain model distribution
+      c.algorithm.kwargs.update(lmbda=1.0, seq_kd=False, temperature=1.0, top_k=0, top_p=1.0)
+  return c
+
+
+def sampling_config(shapes: Shapes) -> sampling.SamplingConfig:
+  """BENCHMARK.md's sampling: temperature 1, no early stop."""
+  return sampling.SamplingConfig(max_new_tokens=shapes.completion_len, temperature=1.0,
+                                 eos_id=None, pad_id=_NO_EOS_TOKENIZER.pad_id)
 
 
 @dataclasses.dataclass
 class Setup:
   """Teacher, student train state and data shared by the step and sampling cases."""
   shapes: Shapes
-  ctx: step_lib.StepContext
+  chunk_size: int
+  run: trainer.Run          # what algorithms read: teacher, tokenizer, model configs, mesh
+  graphdef: object
   state: dict               # replaced by each case that donates it
   shardings: dict
-  teacher_params: dict
   teacher_shardings: dict
   batch_sharding: jax.sharding.NamedSharding
-  prompt_BxP: jax.Array
-  prompt_mask_BxP: jax.Array
-  batch: dict               # off-policy rows: prompt + random completion
+  batch: dict               # rows: random prompt + random completion
 
 
 def make_setup(shapes: Shapes, chunk_size: int, seed: int = 0) -> Setup:
@@ -79,107 +101,102 @@ def make_setup(shapes: Shapes, chunk_size: int, seed: int = 0) -> Setup:
   mesh = mesh_lib.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1})
   rng_teacher, rng_student, rng_prompt, rng_completion = jax.random.split(
       jax.random.PRNGKey(seed), 4)
+  config = bench_config(shapes, 'supervised', chunk_size)
   teacher_graphdef, _ = state_lib.abstract_model(shapes.teacher)
   teacher_params = state_lib.init_params(shapes.teacher, rng_teacher, mesh)
-  optimizer = opt_lib.make_optimizer(config_lib.base_config())
-  state, shardings, graphdef = state_lib.create_train_state(shapes.student, optimizer,
-                                                            rng_student, mesh)
-  ctx = step_lib.StepContext(student_graphdef=graphdef, teacher_graphdef=teacher_graphdef,
-                             optimizer=optimizer, token_fn=jsd_token_fn(), chunk_size=chunk_size)
-  batch_sharding = mesh_lib.batch_sharding(mesh)
+  state, shardings, graphdef = state_lib.create_train_state(
+      shapes.student, opt_lib.make_optimizer(config), rng_student, mesh)
+  run = trainer.Run(config, workdir='', tokenizer=_NO_EOS_TOKENIZER, task=None, mesh=mesh,
+                    model_config=shapes.student, teacher_graphdef=teacher_graphdef,
+                    teacher_params=teacher_params, teacher_config=shapes.teacher)
   B, P, N, V = shapes.batch, shapes.prompt_len, shapes.completion_len, shapes.student.vocab_size
   prompt = jax.random.randint(rng_prompt, (B, P), 0, V, jnp.int32)
-  prompt_mask = jnp.ones((B, P), jnp.int32)
   completion = {'tokens_BxN': jax.random.randint(rng_completion, (B, N), 0, V, jnp.int32),
                 'mask_BxN': jnp.ones((B, N), jnp.int32)}
-  batch = sampling.training_batch(prompt, prompt_mask, completion, pad_id=0)
-  put = lambda x: jax.device_put(x, batch_sharding)
-  return Setup(shapes, ctx, state, shardings, teacher_params,
+  batch = sampling.training_batch(prompt, jnp.ones((B, P), jnp.int32), completion, pad_id=0)
+  batch_sharding = mesh_lib.batch_sharding(mesh)
+  return Setup(shapes, chunk_size, run, graphdef, state, shardings,
                jax.tree.map(lambda x: x.sharding, teacher_params), batch_sharding,
-               put(prompt), put(prompt_mask), jax.tree.map(put, batch))
+               jax.device_put(batch, batch_sharding))
 
 
-def sampling_config(shapes: Shapes) -> sampling.SamplingConfig:
-  # Temperature 1, no early stop: every row generates all completion_len tokens.
-  return sampling.SamplingConfig(max_new_tokens=shapes.completion_len, temperature=1.0,
-                                 eos_id=None)
+def algorithm_step_fn(setup: Setup, name: str):
+  """The algorithm's step jitted exactly as `trainer.train` jits it (state donated)."""
+  config = bench_config(setup.shapes, name, setup.chunk_size)
+  algorithm = algorithms.get(name)(config, setup.run)
+  algorithm.validate()
+  if name == 'gkd' and algorithm.sampling != sampling_config(setup.shapes):
+    raise RuntimeError(f'gkd samples with {algorithm.sampling}, not BENCHMARK.md\'s '
+                       f'{sampling_config(setup.shapes)}')
+  ctx = step_lib.StepContext(
+      student_graphdef=setup.graphdef, teacher_graphdef=setup.run.teacher_graphdef,
+      optimizer=opt_lib.make_optimizer(config),
+      token_fn=trainer.make_token_fn(config, has_teacher=True),
+      chunk_size=config.loss.chunk_size, reduction=config.loss.reduction)
+  return jax.jit(lambda s, t, b: algorithm.step(ctx, s, t, b),
+                 in_shardings=(setup.shardings, setup.teacher_shardings, setup.batch_sharding),
+                 out_shardings=(setup.shardings, None), donate_argnums=(0,))
 
 
-def onpolicy_train_step(ctx, sampling_cfg, state, teacher_params, prompt_BxP, prompt_mask_BxP):
-  """The student samples completions of the prompts, then the distillation step trains on them."""
-  sample = sampling.generate(ctx.student_graphdef, state['params'], prompt_BxP, prompt_mask_BxP,
-                             step_lib.step_rng(state), sampling_cfg)
-  batch = sampling.training_batch(prompt_BxP, prompt_mask_BxP, sample, sampling_cfg.pad_id)
-  return step_lib.train_step(ctx, state, teacher_params, batch)
-
-
-def _time_train(setup: Setup, step_fn, inputs: tuple, steps: int, warmup: int) -> dict:
+def _time_train(setup: Setup, algorithm: str, steps: int, warmup: int) -> dict:
   """Times a donated-state step; records its loss and compiled memory footprint."""
+  step_fn = algorithm_step_fn(setup, algorithm)
+  teacher = setup.run.teacher_params
+
   def call(carry):
-    return step_fn(carry[0], setup.teacher_params, *inputs)
+    return step_fn(carry[0], teacher, setup.batch)
 
   t, (setup.state, metrics) = timing.time_steps(call, (setup.state, None), steps, warmup)
   loss_sum, count = metrics['loss']
   # After a call with these shapes, lowering again reuses the jit's compiled executable.
-  compiled = step_fn.lower(setup.state, setup.teacher_params, *inputs).compile()
-  return {'timing': t, 'loss': float(loss_sum / count),
-          'compiled_bytes': timing.compiled_footprint(compiled)}
+  compiled = step_fn.lower(setup.state, teacher, setup.batch).compile()
+  shapes = setup.shapes
+  return {'timing': t, 'loss': float(loss_sum / count), 'tokens': shapes.batch * shapes.seq_len,
+          'compiled_bytes': timing.compiled_footprint(compiled),
+          'flop': flops.distill_step_flops(shapes.teacher, shapes.student, shapes.batch,
+                                           shapes.seq_len)}
 
 
 def offpolicy_step(setup: Setup, steps: int, warmup: int) -> dict:
-  s = setup
-  step_fn = jax.jit(lambda st, t, b: step_lib.train_step(s.ctx, st, t, b),
-                    in_shardings=(s.shardings, s.teacher_shardings, s.batch_sharding),
-                    out_shardings=(s.shardings, None), donate_argnums=(0,))
-  out = _time_train(s, step_fn, (s.batch,), steps, warmup)
-  shapes = s.shapes
-  out['flop'] = flops.distill_step_flops(shapes.teacher, shapes.student, shapes.batch,
-                                         shapes.seq_len)
-  out['tokens'] = shapes.batch * shapes.seq_len
-  return out
+  return _time_train(setup, 'supervised', steps, warmup)
 
 
 def onpolicy_step(setup: Setup, steps: int, warmup: int) -> dict:
-  s, shapes = setup, setup.shapes
-  fn = functools.partial(onpolicy_train_step, s.ctx, sampling_config(shapes))
-  step_fn = jax.jit(fn, in_shardings=(s.shardings, s.teacher_shardings, s.batch_sharding,
-                                      s.batch_sharding),
-                    out_shardings=(s.shardings, None), donate_argnums=(0,))
-  out = _time_train(s, step_fn, (s.prompt_BxP, s.prompt_mask_BxP), steps, warmup)
-  out['flop'] = (flops.generate_flops(shapes.student, shapes.batch, shapes.prompt_len,
+  out = _time_train(setup, 'gkd', steps, warmup)
+  shapes = setup.shapes
+  out['flop'] += flops.generate_flops(shapes.student, shapes.batch, shapes.prompt_len,
                                       shapes.completion_len)
-                 + flops.distill_step_flops(shapes.teacher, shapes.student, shapes.batch,
-                                            shapes.seq_len))
-  out['tokens'] = shapes.batch * shapes.seq_len
   return out
 
 
 def generate(setup: Setup, steps: int, warmup: int) -> dict:
-  s, shapes = setup, setup.shapes
-  generate_fn = sampling.make_generate_fn(s.ctx.student_graphdef, sampling_config(shapes))
-  params = s.state['params']
+  """The student's sampling alone: the batch's prompts completed by `make_generate_fn`."""
+  shapes, P = setup.shapes, setup.shapes.prompt_len
+  generate_fn = sampling.make_generate_fn(setup.graphdef, sampling_config(shapes))
+  params = setup.state['params']
+  prompt_BxP, prompt_mask_BxP = setup.batch['tokens'][:, :P], setup.batch['input_mask'][:, :P]
   # Keys are split up front so that no eager op runs between timed calls.
   keys = iter(list(jax.random.split(jax.random.PRNGKey(1), steps + warmup + 2)))
 
   def call(_):
-    return generate_fn(params, s.prompt_BxP, s.prompt_mask_BxP, next(keys))
+    return generate_fn(params, prompt_BxP, prompt_mask_BxP, next(keys))
 
   t, sample = timing.time_steps(call, None, steps, warmup)
   generated = int(sample['mask_BxN'].sum())
   if generated != shapes.batch * shapes.completion_len:
     raise RuntimeError(f'generate stopped early: {generated} tokens, expected '
                        f'{shapes.batch * shapes.completion_len} (eos_id must be None)')
-  compiled = generate_fn.lower(params, s.prompt_BxP, s.prompt_mask_BxP, next(keys)).compile()
+  compiled = generate_fn.lower(params, prompt_BxP, prompt_mask_BxP, next(keys)).compile()
   return {'timing': t, 'tokens': generated, 'compiled_bytes': timing.compiled_footprint(compiled),
-          'flop': flops.generate_flops(shapes.student, shapes.batch, shapes.prompt_len,
-                                       shapes.completion_len)}
+          'flop': flops.generate_flops(shapes.student, shapes.batch, P, shapes.completion_len)}
 
 
 def loss_memory(shapes: Shapes, chunk_size: int, dtype: str) -> dict:
   """XLA's memory analysis of value-and-grad of the JSD loss, plain vs chunked (compile only)."""
   m = shapes.memory
   plain_fn, chunked_fn, abstract_args = loss_bench.make_value_and_grad_fns(
-      m['batch'], m['seq'], m['hidden'], m['vocab'], chunk_size, token_fn=jsd_token_fn(),
+      m['batch'], m['seq'], m['hidden'], m['vocab'], chunk_size,
+      token_fn=trainer.make_token_fn(bench_config(shapes, 'supervised', chunk_size), True),
       dtype=jnp.dtype(dtype))
   plain = loss_bench.compiled_memory(plain_fn, abstract_args)
   chunked = loss_bench.compiled_memory(chunked_fn, abstract_args)
