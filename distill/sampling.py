@@ -211,4 +211,3 @@ def training_batch(prompt_BxP, prompt_mask_BxP, sample: dict, pad_id: int) -> di
 
 
 # The name distill.eval uses for the same layout.
-training_rows = training_batch

@@ -117,7 +117,11 @@ def _restrict_to_support(logq_BxTxV, logp_BxTxV):
   support = np.isfinite(logp_BxTxV)
   masked = np.where(support, logq_BxTxV, -np.inf)
   log_on_support = np.logaddexp.reduce(masked, axis=-1, keepdims=True)
-  return masked - log_on_support, 1.0 - np.exp(log_on_support[..., 0])
+  # A position with an empty support (padding, or after a token the truth cannot emit)
+  # counts as entirely off support instead of producing NaN.
+  has_support = support.any(axis=-1, keepdims=True)
+  restricted = np.where(has_support, masked - np.where(has_support, log_on_support, 0.0), -np.inf)
+  return restricted, np.where(has_support[..., 0], 1.0 - np.exp(log_on_support[..., 0]), 1.0)
 
 
 def _truth_metrics(run, graphdef, params, batches) -> dict[str, float]:
@@ -131,7 +135,7 @@ def _truth_metrics(run, graphdef, params, batches) -> dict[str, float]:
     fwd.append((_exact_kl(logp, logq, mask), mask.sum()))
 
     gen = _generate(run, graphdef, params, batch, temperature=1.0, rng=jax.random.PRNGKey(i))
-    rows = sampling.training_rows(batch['tokens'][:, :p], batch['input_mask'][:, :p], gen,
+    rows = sampling.training_batch(batch['tokens'][:, :p], batch['input_mask'][:, :p], gen,
                                   pad_id=run.tokenizer.pad_id)
     rows = jax.device_get(rows)
     gen_mask = np.asarray(rows['loss_mask']) * (mask.sum(1, keepdims=True) > 0)

@@ -25,6 +25,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ('layers', None),
     ('head_dim', None),
     ('length', None),
+    ('cache_seq', None),
 )
 
 

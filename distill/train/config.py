@@ -11,6 +11,7 @@ import dataclasses
 import ml_collections
 from ml_collections import config_dict
 
+from distill import losses
 from distill.models import ModelConfig
 
 
@@ -115,9 +116,9 @@ def validate(config, *, model_max_seq_len: int | None = None, data_parallel: int
     raise ValueError(f'config.optimizer.warmup_steps must be >= 0, got {config.optimizer.warmup_steps}')
   if config.role not in ('teacher', 'student'):
     raise ValueError(f"config.role must be 'teacher' or 'student', got {config.role!r}")
-  if config.loss.reduction not in ('token_mean', 'sequence_mean', 'sum'):
+  if config.loss.reduction not in losses.MODES:
     raise ValueError(f'config.loss.reduction: unknown {config.loss.reduction!r}; '
-                     "valid: 'token_mean', 'sequence_mean', 'sum'")
+                     f'valid: {", ".join(losses.MODES)}')
   if config.loss.kd_weight < 0 or config.loss.ce_weight < 0:
     raise ValueError('config.loss.kd_weight and ce_weight must be >= 0')
   if config.role == 'student' and config.loss.kd_weight > 0 and not config.teacher.checkpoint:

@@ -16,7 +16,6 @@ import optax
 from flax import nnx
 
 from distill import losses
-from distill.losses import chunked
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,23 +27,6 @@ class StepContext:
   token_fn: Callable          # (student_logits_NxV, teacher_logits_NxV | None, targets_N) -> N
   chunk_size: int = 0         # 0: plain loss over full logits
   reduction: str = 'token_mean'
-
-
-def reduction_weights(loss_mask_BxT: jax.Array, reduction: str):
-  """Per-token weights and normaliser so that every reduction is a weighted token sum.
-
-  Expressing sequence means as weights lets the chunked loss (which only sums) serve
-  every reduction, and keeps metrics exact as (sum, count) pairs across hosts.
-  """
-  mask = loss_mask_BxT.astype(jnp.float32)
-  if reduction == 'token_mean':
-    return mask, mask.sum()
-  if reduction == 'sequence_mean':
-    per_row = mask.sum(axis=1, keepdims=True)
-    return mask / jnp.maximum(per_row, 1.0), (per_row > 0).sum().astype(jnp.float32)
-  if reduction == 'sum':
-    return mask, jnp.float32(1.0)
-  raise ValueError(f'unknown reduction {reduction!r}')
 
 
 def model_outputs(graphdef, params, batch):
@@ -62,13 +44,13 @@ def distill_loss(ctx: StepContext, student_params, teacher_params, batch):
         jax.lax.stop_gradient, model_outputs(ctx.teacher_graphdef, teacher_params, batch))
   else:
     teacher_h = teacher_w = None
-  weights_BxT, normaliser = reduction_weights(batch['loss_mask'], ctx.reduction)
+  weights_BxT, normaliser = losses.token_weights(batch['loss_mask'], ctx.reduction)
   if ctx.chunk_size:
-    loss_sum, _ = chunked.chunked_loss(student_h, student_w, teacher_h, teacher_w,
+    loss_sum, _ = losses.chunked_loss(student_h, student_w, teacher_h, teacher_w,
                                        batch['targets'], weights_BxT, ctx.token_fn,
                                        chunk_size=ctx.chunk_size)
   else:
-    loss_sum, _ = chunked.plain_loss(student_h, student_w, teacher_h, teacher_w,
+    loss_sum, _ = losses.plain_loss(student_h, student_w, teacher_h, teacher_w,
                                      batch['targets'], weights_BxT, ctx.token_fn)
   loss = loss_sum / jnp.maximum(normaliser, 1e-9)
   metrics = {'loss': (loss_sum, normaliser),
