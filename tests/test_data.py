@@ -172,7 +172,7 @@ def test_registry():
   # optional members exist only where meaningful (evaluation checks with hasattr)
   assert hasattr(arith, 'score') and not hasattr(arith, 'next_token_logprobs')
   assert hasattr(hmm, 'next_token_logprobs') and not hasattr(hmm, 'score')
-  with pytest.raises(ValueError, match=r"\['arithmetic', 'hmm'\]"):
+  with pytest.raises(ValueError, match=r"\['arithmetic', 'hmm', 'jsonl', 'parquet', 'tfds'\]"):
     get_task('sudoku')
 
 

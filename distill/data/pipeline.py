@@ -23,17 +23,22 @@ Example = dict[str, np.ndarray]
 def encode_example(tokenizer: CharTokenizer, prompt: str, completion: str, *,
                    prompt_len: int, completion_len: int, name: str = 'example') -> Example:
   """One row of the batch layout above; ValueError (naming `name`) if it does not fit."""
-  p_ids, c_ids = tokenizer.encode(prompt), tokenizer.encode(completion)
-  if len(p_ids) + 1 > prompt_len:
-    raise ValueError(f'{name}: prompt {prompt!r} needs {len(p_ids) + 1} tokens (BOS + '
-                     f'{len(p_ids)} chars) but prompt_len={prompt_len}')
+  # HF tokenizers of models trained without BOS (e.g. Qwen) say so with add_bos=False.
+  bos = [tokenizer.bos_id] if getattr(tokenizer, 'add_bos', True) else []
+  p_ids, c_ids = bos + tokenizer.encode(prompt), tokenizer.encode(completion)
+  if not p_ids:
+    raise ValueError(f'{name}: empty prompt and a tokenizer without BOS: nothing predicts '
+                     'the first completion token')
+  if len(p_ids) > prompt_len:
+    raise ValueError(f'{name}: prompt {prompt!r} needs {len(p_ids)} tokens (with BOS if any) '
+                     f'but prompt_len={prompt_len}')
   if len(c_ids) + 1 > completion_len:
     raise ValueError(f'{name}: completion {completion!r} needs {len(c_ids) + 1} tokens '
-                     f'({len(c_ids)} chars + EOS) but completion_len={completion_len}')
-  n_left = prompt_len - 1 - len(p_ids)
+                     f'(with EOS) but completion_len={completion_len}')
+  n_left = prompt_len - len(p_ids)
   n_right = completion_len - 1 - len(c_ids)
   pad = tokenizer.pad_id
-  tokens = [pad] * n_left + [tokenizer.bos_id] + p_ids + c_ids + [tokenizer.eos_id] + [pad] * n_right
+  tokens = [pad] * n_left + p_ids + c_ids + [tokenizer.eos_id] + [pad] * n_right
   tokens_T = np.asarray(tokens, np.int32)
   input_mask_T = np.zeros_like(tokens_T)
   input_mask_T[n_left:len(tokens) - n_right] = 1

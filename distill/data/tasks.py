@@ -2,6 +2,7 @@
 from collections.abc import Callable
 from typing import Protocol
 
+from distill.data import sources
 from distill.data.arithmetic import ArithmeticTask
 from distill.data.hmm_language import HMMTask
 
@@ -28,12 +29,18 @@ TASKS: dict[str, Callable[..., Task]] = {'arithmetic': ArithmeticTask, 'hmm': HM
 
 
 def get_task(name: str, **kwargs) -> Task:
-  """A task by registry name; kwargs go to its constructor."""
-  if name not in TASKS:
-    raise ValueError(f'unknown task {name!r}; valid names: {sorted(TASKS)}')
-  return TASKS[name](**kwargs)
+  """An embedded task, or a file/TFDS source ('jsonl', 'parquet', 'tfds'), by name;
+  kwargs go to its constructor."""
+  if name in TASKS:
+    return TASKS[name](**kwargs)
+  if name in sources.SOURCES:
+    return sources.get_source(name, **kwargs)
+  raise ValueError(f'unknown task {name!r}; valid names: {sorted(TASKS) + sorted(sources.SOURCES)}')
 
 
 def sequence_lengths(task: Task) -> tuple[int, int]:
   """The smallest (prompt_len, completion_len) that fit every example (+BOS, +EOS)."""
+  if not hasattr(task, 'max_prompt_chars'):
+    raise ValueError(f'{task.name}: lengths in tokens are not known in advance for a data '
+                     'source; set config.task.prompt_len and config.task.completion_len')
   return task.max_prompt_chars + 1, task.max_completion_chars + 1
