@@ -39,15 +39,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.batch_size = 32
   c.data.eval_batch_size = 64
 
+  # The tokenizer: '' for the embedded tasks' character tokenizer, or a Hugging Face
+  # folder holding tokenizer.json (and tokenizer_config.json for special tokens).
+  c.tokenizer = ''
+
   c.model = ml_collections.ConfigDict()
   c.model.preset = 'student-500k'
+  c.model.hf_checkpoint = ''    # start the student from this HF folder (its config.json wins)
   # Every ModelConfig field can replace the preset's value (None keeps the preset's),
   # e.g. --config.model.d_ff=512 or --config.model.dtype=bfloat16.
   for field in dataclasses.fields(ModelConfig):
     c.model[field.name] = config_dict.placeholder(field.type)
 
   c.teacher = ml_collections.ConfigDict()
-  c.teacher.checkpoint = ''     # a workdir of a finished role='teacher' run
+  c.teacher.checkpoint = ''     # a finished run's workdir, or a Hugging Face checkpoint folder
   c.teacher.preset = ''         # must match the checkpoint's preset when given
 
   c.loss = ml_collections.ConfigDict()
@@ -90,6 +95,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.progress_bar = True
   c.lock()
+  # Free-form keyword dicts stay open so experiment files can add their own keys.
+  for kwargs in (c.task.kwargs, c.loss.hparams, c.algorithm.kwargs):
+    kwargs.unlock()
   return c
 
 
@@ -161,4 +169,5 @@ def make_small(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def model_overrides(config) -> dict:
   """The ModelConfig fields the config sets explicitly (the rest come from the preset)."""
-  return {k: v for k, v in config.model.items() if k != 'preset' and v is not None}
+  return {k: v for k, v in config.model.items()
+          if k not in ('preset', 'hf_checkpoint') and v is not None}

@@ -68,18 +68,22 @@ def state_shardings(abstract_state, params_sharding, mesh: Mesh):
 
 
 def create_train_state(model_config: ModelConfig, optimizer: optax.GradientTransformation,
-                       rng, mesh: Mesh, algo_state_fn: Callable[[], Any] = dict):
-  """Returns (state, shardings, graphdef); the state lives in its shardings."""
+                       rng, mesh: Mesh, algo_state_fn: Callable[[], Any] = dict,
+                       initial_params=None):
+  """Returns (state, shardings, graphdef); the state lives in its shardings.
+
+  initial_params: start from these (already sharded) params instead of a random init.
+  """
   graphdef, abstract_params = abstract_model(model_config)
   params_sharding = param_shardings(abstract_params, mesh)
   init_rng, train_rng = jax.random.split(rng)
 
-  def init(init_rng, train_rng):
-    params = _init_params(model_config, init_rng)
+  def init(init_rng, train_rng, params):
+    params = _init_params(model_config, init_rng) if params is None else params
     return {'step': jnp.zeros((), jnp.int32), 'rng': train_rng, 'params': params,
             'opt_state': optimizer.init(params), 'algo': algo_state_fn()}
 
-  abstract_state = jax.eval_shape(init, init_rng, train_rng)
+  abstract_state = jax.eval_shape(init, init_rng, train_rng, initial_params)
   shardings = state_shardings(abstract_state, params_sharding, mesh)
-  state = jax.jit(init, out_shardings=shardings)(init_rng, train_rng)
+  state = jax.jit(init, out_shardings=shardings)(init_rng, train_rng, initial_params)
   return state, shardings, graphdef

@@ -8,7 +8,7 @@ import os
 
 from jax.sharding import Mesh
 
-from distill.models import ModelConfig
+from distill.models import ModelConfig, hf
 from distill.train import checkpoint, state as state_lib
 
 MODEL_FILE = 'model.json'
@@ -27,11 +27,15 @@ def has_export(workdir: str) -> bool:
 
 
 def load_exported(workdir: str, mesh: Mesh):
-  """(graphdef, params, model_config) of a finished run, sharded onto `mesh`."""
+  """(graphdef, params, model_config) of a finished run or of a Hugging Face checkpoint
+  folder, sharded onto `mesh`."""
+  if not has_export(workdir) and os.path.exists(os.path.join(workdir, 'config.json')):
+    return hf.load_hf_params(workdir, mesh)
   if not has_export(workdir):
     raise FileNotFoundError(
         f'no finished run in {workdir!r}: expected {MODEL_FILE} and {PARAMS_DIR}/ there. '
-        'Train the teacher first (role=teacher) and point teacher.checkpoint at its workdir.')
+        'Train the teacher first (role=teacher) and point teacher.checkpoint at its workdir, '
+        'or at a Hugging Face checkpoint folder.')
   with open(os.path.join(workdir, MODEL_FILE)) as f:
     model_config = ModelConfig(**json.load(f))
   graphdef, abstract = state_lib.abstract_model(model_config)

@@ -18,9 +18,10 @@ import numpy as np
 
 from distill import algorithms, losses
 from distill.data import pipeline, tasks
+from distill.data.hf_tokenizer import HFTokenizer
 from distill.data.tokenizer import CharTokenizer
 from distill.eval import evaluate as eval_lib
-from distill.models import ModelConfig, count_params, get_preset
+from distill.models import ModelConfig, count_params, get_preset, hf
 from distill.parallel import mesh as mesh_lib
 from distill.train import checkpoint as ckpt_lib
 from distill.train import config as config_lib
@@ -39,13 +40,14 @@ class Run:
   """What a run is made of, built and validated before anything compiles."""
   config: Any
   workdir: str
-  tokenizer: CharTokenizer
+  tokenizer: Any               # CharTokenizer or HFTokenizer (same interface)
   task: Any
   mesh: jax.sharding.Mesh
   model_config: ModelConfig
   teacher_graphdef: Any = None
   teacher_params: Any = None
   teacher_config: ModelConfig | None = None
+  initial_params: Any = None    # the student's starting point when loaded from HF
 
   @property
   def seq_len(self) -> int:
@@ -62,21 +64,32 @@ class Run:
 
 def build_run(config, workdir: str) -> Run:
   config_lib.validate(config)
-  tokenizer = CharTokenizer()
+  tokenizer = HFTokenizer(config.tokenizer) if config.tokenizer else CharTokenizer()
   task = tasks.get_task(config.task.name, **config.task.kwargs)
   config = config.copy_and_resolve_references()
-  needed = tasks.sequence_lengths(task)
-  for name, length in zip(('prompt_len', 'completion_len'), needed):
-    config.task[name] = config.task[name] or length
-  overrides = config_lib.model_overrides(config)
-  model_config = get_preset(config.model.preset, **{'vocab_size': tokenizer.vocab_size, **overrides})
-  model_config.validate()
+  if not (config.task.prompt_len and config.task.completion_len):
+    needed = tasks.sequence_lengths(task)
+    for name, length in zip(('prompt_len', 'completion_len'), needed):
+      config.task[name] = config.task[name] or length
   mesh = mesh_lib.make_mesh(config.mesh)
+  initial_params = None
+  if config.model.hf_checkpoint:
+    _, initial_params, model_config = hf.load_hf_params(config.model.hf_checkpoint, mesh)
+  else:
+    overrides = config_lib.model_overrides(config)
+    model_config = get_preset(config.model.preset,
+                              **{'vocab_size': tokenizer.vocab_size, **overrides})
+  if model_config.vocab_size < tokenizer.vocab_size:
+    raise ValueError(f'the model vocabulary ({model_config.vocab_size}) is smaller than the '
+                     f'tokenizer\'s ({tokenizer.vocab_size})')
   config_lib.validate(config, model_max_seq_len=model_config.max_seq_len,
                       data_parallel=mesh_lib.data_parallel_size(mesh))
-  run = Run(config, workdir, tokenizer, task, mesh, model_config)
+  run = Run(config, workdir, tokenizer, task, mesh, model_config, initial_params=initial_params)
   if config.role == 'student' and config.teacher.checkpoint:
     graphdef, params, teacher_config = teacher_lib.load_exported(config.teacher.checkpoint, mesh)
+    if teacher_config.max_seq_len < run.seq_len:
+      raise ValueError(f'sequence length {run.seq_len} exceeds the teacher\'s max_seq_len '
+                       f'{teacher_config.max_seq_len}')
     if teacher_config.vocab_size != model_config.vocab_size:
       raise ValueError(f'teacher vocabulary ({teacher_config.vocab_size}) != student vocabulary '
                        f'({model_config.vocab_size}); distillation over logits needs equal vocabularies')
@@ -127,7 +140,8 @@ def train(config, workdir: str) -> dict:
 
   state, shardings, graphdef = state_lib.create_train_state(
       run.model_config, optimizer, jax.random.PRNGKey(config.seed), run.mesh,
-      algo_state_fn=algorithm.init_state)
+      algo_state_fn=algorithm.init_state, initial_params=run.initial_params)
+  run.initial_params = None   # the state owns them now
   ctx = dataclasses.replace(ctx, student_graphdef=graphdef)
   _write_run_files(run, state['params'])
 
