@@ -16,6 +16,7 @@ import time
 from absl import app, flags
 
 from configs import arithmetic_student, arithmetic_teacher
+from distill.main import quiet_libraries
 from distill.train import teacher as teacher_lib
 from distill.train import trainer
 
@@ -38,6 +39,7 @@ def _train(name: str, config, workdir: str) -> dict:
 
 def main(argv):
   del argv
+  quiet_libraries()
   workdir = os.path.abspath(_WORKDIR.value)
   teacher_dir = os.path.join(workdir, 'teacher')
   rows = {}

@@ -206,7 +206,9 @@ def _write_run_files(run: Run, params):
   with open(os.path.join(run.workdir, 'config.json'), 'w') as f:
     f.write(run.config.to_json_best_effort(indent=1, sort_keys=True))
   print(f'student {run.config.model.preset}: {count_params(params):,} parameters'
-        + (f'; teacher: {count_params(run.teacher_params):,}' if run.teacher_params else ''))
+        + (f'; teacher: {count_params(run.teacher_params):,}' if run.teacher_params else '')
+        + f'; mesh {dict(run.mesh.shape)} over {run.mesh.size} devices in '
+        f'{jax.process_count()} process(es)')
 
 
 class _progress:
