@@ -9,10 +9,13 @@ from __future__ import annotations
 import difflib
 
 from distill.algorithms.base import Algorithm
+from distill.algorithms.cached_teacher import CachedTeacher, OnlineTopK
 from distill.algorithms.distillm import DistiLLM
 from distill.algorithms.gkd import GKD
+from distill.algorithms.hidden_kd import HiddenKD
 from distill.algorithms.minillm import MiniLLM
 from distill.algorithms.onpolicy_rkl import OnPolicyReverseKL
+from distill.algorithms.seqkd import SeqKD
 from distill.algorithms.skd import SKD
 from distill.algorithms.supervised import Supervised
 
@@ -23,6 +26,10 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
     'minillm': MiniLLM,
     'onpolicy_rkl': OnPolicyReverseKL,
     'skd': SKD,
+    'seqkd': SeqKD,
+    'cached_teacher': CachedTeacher,
+    'topk_online': OnlineTopK,
+    'hidden_kd': HiddenKD,
 }
 
 
