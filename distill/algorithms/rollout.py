@@ -69,7 +69,7 @@ class SamplingAlgorithm(Algorithm):
       try:
         sampling.validate_sampling(self.sampling, model_config, c.task.prompt_len)
       except ValueError as e:
-        raise ValueError(f'algorithm {name!r}, sampling from config.algorithm.kwargs: {e}') from None
+        raise ValueError(f'algorithm {name!r}, sampling (config.algorithm.kwargs): {e}') from None
     self.check_options(self.options)
 
   def check_options(self, options: dict) -> None:

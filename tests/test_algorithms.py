@@ -1,0 +1,303 @@
+"""On-policy algorithms: their pieces against independent references, every algorithm from
+the CLI in small mode, GKD's λ over many steps, DistiLLM resumed after SIGKILL, bad input.
+
+The CLI runs start together (subprocesses sharing a persistent compilation cache, with
+XLA's backend optimisation off: compile time dominates these tiny runs) and each test
+checks its own run.
+"""
+import concurrent.futures
+import functools
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from distill import algorithms, sampling
+from distill.algorithms import distillm, minillm, rollout
+from distill.train import step as step_lib
+from distill.train import trainer
+from tests.helpers import read_metrics, run_cli, small_config
+
+FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
+COMMON = ['--config.mesh.data=1', '--config.eval.generate=False', '--config.data.eval_batch_size=4']
+LAMBDA, LAMBDA_STEPS = 0.3, 200
+# DistiLLM: φ grows by 0.5 at every evaluation (each step) after the first (eps < 0), so by
+# the kill after step 5 the buffer has filled, and the steps redone after the resume from
+# step 4 replay from it.
+KILL_AT, DISTILLM_STEPS = 5, 7
+DISTILLM = ['--config=configs/arithmetic_distillm.py:small', *COMMON,
+            f'--config.total_steps={DISTILLM_STEPS}', '--config.checkpoint_steps=2',
+            '--config.eval_steps=1', '--config.log_steps=1',
+            '--config.data.batch_size=4', '--config.algorithm.kwargs.capacity=8',
+            '--config.algorithm.kwargs.loss_eps=-1e9',
+            '--config.algorithm.kwargs.threshold_step=0.5']
+SHORT = [*COMMON, '--config.total_steps=2', '--config.checkpoint_steps=2', '--config.log_steps=1']
+CLI_JOBS = {
+    'gkd': [['--config=configs/arithmetic_gkd.py:small', *COMMON, '--config.data.batch_size=2',
+             f'--config.total_steps={LAMBDA_STEPS}', f'--config.log_steps={LAMBDA_STEPS}',
+             f'--config.checkpoint_steps={LAMBDA_STEPS}',
+             f'--config.algorithm.kwargs.lmbda={LAMBDA}']],
+    'minillm': [['--config=configs/arithmetic_minillm.py:small', *SHORT]],
+    'onpolicy_rkl': [['--config=configs/arithmetic_onpolicy_rkl.py:small', *SHORT]],
+    'skd': [['--config=configs/arithmetic_skd.py:small', *SHORT]],
+    'distillm': [DISTILLM],
+    'distillm_resumed': [DISTILLM, DISTILLM],   # the first is SIGKILLed after step KILL_AT
+}
+
+
+@pytest.fixture(scope='module')
+def teacher_dir(tmp_path_factory):
+  """A random tiny teacher, exported the way a teacher run exports (no training needed)."""
+  from distill.data.tokenizer import CharTokenizer
+  from distill.models import get_preset
+  from distill.parallel import mesh as mesh_lib
+  from distill.train import state as state_lib
+  from distill.train import teacher as teacher_lib
+  workdir = str(tmp_path_factory.mktemp('teacher'))
+  config = get_preset('tiny', vocab_size=CharTokenizer().vocab_size)
+  params = state_lib.init_params(config, jax.random.PRNGKey(1), mesh_lib.make_mesh({'data': 1}))
+  teacher_lib.export_final(workdir, config, params)
+  return workdir
+
+
+@pytest.fixture(scope='module')
+def cli_runs(tmp_path_factory, teacher_dir):
+  """{job: workdir}: every CLI job of CLI_JOBS, run concurrently."""
+  root = tmp_path_factory.mktemp('cli')
+  env = {'XLA_FLAGS': f'{os.environ.get("XLA_FLAGS", "")} {FAST_COMPILE}',
+         'JAX_COMPILATION_CACHE_DIR': str(root / 'jax_cache'),
+         'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+         'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
+
+  def job(name):
+    workdir = str(root / name)
+    for i, args in enumerate(CLI_JOBS[name]):
+      killed = name == 'distillm_resumed' and i == 0
+      run_env = dict(env, DISTILL_KILL_AT_STEP=str(KILL_AT)) if killed else env
+      proc = run_cli(workdir, *args, f'--config.teacher.checkpoint={teacher_dir}', env=run_env,
+                     check=not killed)
+      if killed:
+        assert proc.returncode == -9, proc.stderr
+    return workdir
+
+  with concurrent.futures.ThreadPoolExecutor(len(CLI_JOBS)) as pool:
+    return dict(zip(CLI_JOBS, pool.map(job, CLI_JOBS)))
+
+
+def _train_rows(workdir):
+  return [r for r in read_metrics(workdir) if 'loss' in r]
+
+
+# ---------------------------------------------------------------------- CLI, small mode
+
+
+def test_gkd_lambda_fraction_over_many_steps(cli_runs):
+  """The coin is drawn per step from the step rng: over 200 steps it lands on λ."""
+  rows = _train_rows(cli_runs['gkd'])
+  assert len(rows) == 1 and rows[0]['step'] == LAMBDA_STEPS
+  fraction = rows[0]['on_policy']
+  bound = 4 * math.sqrt(LAMBDA * (1 - LAMBDA) / LAMBDA_STEPS)   # 4 binomial s.d.
+  assert abs(fraction - LAMBDA) < bound, fraction
+  assert math.isfinite(rows[0]['loss'])
+
+
+def test_onpolicy_rkl_from_cli(cli_runs):
+  rows = _train_rows(cli_runs['onpolicy_rkl'])
+  assert [r['step'] for r in rows] == [1, 2]
+  for r in rows:
+    # Same parameters, temperature 1: the sampler's log-probs are the model's, so the
+    # importance ratio is 1 (the decode cache and the full forward agree) and the loss
+    # −Σ ratio·A equals the sampled reverse-KL estimate.
+    assert r['ratio'] == pytest.approx(1.0, abs=1e-4)
+    assert r['loss'] == pytest.approx(r['reverse_kl_estimate'], rel=1e-3, abs=1e-6)
+    assert r['sample_length'] >= 1
+  assert os.path.exists(os.path.join(cli_runs['onpolicy_rkl'], 'final_metrics.json'))
+
+
+def test_minillm_from_cli(cli_runs):
+  for r in _train_rows(cli_runs['minillm']):
+    assert 0 < r['importance_weight'] <= 1 / (1 - 0.2) + 1e-6   # w = q / (0.2·p + 0.8·q)
+    assert r['single_step'] >= 0 and math.isfinite(r['long_term'])
+    assert r['loss'] == pytest.approx(r['single_step'] + r['long_term'], rel=1e-4, abs=1e-6)
+
+
+def test_skd_from_cli(cli_runs):
+  for r in _train_rows(cli_runs['skd']):
+    assert 0 <= r['replaced'] <= 1 and math.isfinite(r['loss'])
+
+
+def _final_state(workdir, step):
+  return ocp.StandardCheckpointer().restore(os.path.join(workdir, 'checkpoints', str(step),
+                                                         'state'))
+
+
+def test_distillm_resumes_with_the_same_buffer_and_schedule(cli_runs):
+  straight, resumed = cli_runs['distillm'], cli_runs['distillm_resumed']
+  rows = _train_rows(straight)
+  # The run is not trivial: φ rose, the buffer filled, and steps after the kill replayed it.
+  assert rows[0]['sgo_probability'] == 0 and rows[-1]['sgo_probability'] == 1.0
+  assert sum(r['source_replay'] for r in rows if r['step'] > 4) > 0
+  assert sum(r['source_fresh'] for r in rows) >= 2
+  a, b = _final_state(straight, DISTILLM_STEPS), _final_state(resumed, DISTILLM_STEPS)
+  assert int(a['algo']['size']) == 8
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  strip = lambda rs: [{k: v for k, v in r.items() if k != 'tokens_per_s'} for r in rs]
+  assert strip(read_metrics(straight)) == strip(read_metrics(resumed))
+
+
+# ---------------------------------------------------------------------- pieces vs references
+
+
+def test_future_rewards_match_a_loop():
+  rng = np.random.default_rng(0)
+  rewards = rng.normal(size=(3, 7)).astype(np.float32)
+  mask = np.array([[0, 1, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0]],
+                  np.float32)
+  for norm in (True, False):
+    expected = np.zeros_like(rewards)
+    for b in range(3):
+      for t in range(7):
+        future = [rewards[b, s] for s in range(t + 1, 7) if mask[b, s]]
+        if future:
+          expected[b, t] = np.mean(future) if norm else np.sum(future)
+    got = minillm.future_rewards(jnp.asarray(rewards), jnp.asarray(mask), norm)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('chunk_size', [0, 5])
+def test_target_logprobs_and_policy_gradient(chunk_size):
+  """target_logprobs is log_softmax at the targets; the surrogate's gradient is that of
+  −Σ ratio·A with ratio = q/q_sample (A constant), computed by autodiff on full logits."""
+  k = jax.random.split(jax.random.PRNGKey(0), 5)
+  B, T, D, V = 2, 6, 4, 11
+  h = jax.random.normal(k[0], (B, T, D))
+  w = jax.random.normal(k[1], (D, V))
+  targets = jax.random.randint(k[2], (B, T), 0, V)
+  weights = (jax.random.uniform(k[3], (B, T)) > 0.3).astype(jnp.float32)
+  advantage = jax.random.normal(k[4], (B, T))
+  log_sample = jnp.full((B, T), -2.0)
+  ctx = step_lib.StepContext(None, None, None, None, chunk_size=chunk_size)
+
+  def reference_logq(h, w):
+    return jnp.take_along_axis(jax.nn.log_softmax(h @ w), targets[..., None], -1)[..., 0]
+
+  @jax.jit
+  def compute(h, w):
+    log_q = rollout.target_logprobs(h, w, targets, chunk_size)
+    coef = jnp.exp(log_q - log_sample) * advantage * weights
+    surrogate = lambda h, w: rollout.policy_gradient_loss(ctx, h, w, targets, coef)
+    objective = lambda h, w: -jnp.sum(jnp.exp(reference_logq(h, w) - log_sample) * advantage
+                                      * weights)
+    return (log_q, reference_logq(h, w), jax.grad(surrogate, (0, 1))(h, w),
+            jax.grad(objective, (0, 1))(h, w))
+
+  log_q, expected, grads, expected_grads = compute(h, w)
+  np.testing.assert_allclose(log_q, expected, rtol=1e-5, atol=1e-5)
+  for got, want in zip(grads, expected_grads):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_joint_generate_reproduces_generate():
+  """With a rule that takes the student's sample, the two-cache loop is sampling.generate."""
+  from distill.models import get_preset
+  from distill.parallel import mesh as mesh_lib
+  from distill.train import state as state_lib
+  mesh = mesh_lib.make_mesh({'data': 1})
+  models = []
+  for seed, n_layers in ((0, 2), (1, 1)):
+    config = get_preset('tiny', vocab_size=13, max_seq_len=16, n_layers=n_layers)
+    models.append((state_lib.abstract_model(config)[0],
+                   state_lib.init_params(config, jax.random.PRNGKey(seed), mesh)))
+  (s_graph, s_params), (t_graph, t_params) = models
+  cfg = sampling.SamplingConfig(max_new_tokens=6, temperature=1.3, eos_id=3, pad_id=0)
+  prompt = jnp.array([[0, 0, 5, 6], [7, 8, 9, 10], [0, 0, 0, 0]], jnp.int32)
+  prompt_mask = (prompt > 0).astype(jnp.int32)
+
+  def student_rule(rng, student_logits, teacher_logits):
+    token, logp, _ = sampling.sample_from_logits(rng, student_logits, cfg)
+    return token, logp, jnp.ones(token.shape)
+
+  @jax.jit
+  def both(s_params, t_params, rng):
+    joint = rollout.joint_generate(s_graph, s_params, t_graph, t_params, prompt, prompt_mask,
+                                   rng, cfg, student_rule)
+    return joint, sampling.generate(s_graph, s_params, prompt, prompt_mask, rng, cfg)
+
+  joint, alone = both(s_params, t_params, jax.random.PRNGKey(3))
+  for key in ('tokens_BxN', 'mask_BxN', 'logprobs_BxN'):
+    np.testing.assert_allclose(joint[key], alone[key], rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(joint['flags_BxN'], alone['mask_BxN'])
+  assert int(alone['mask_BxN'][2].sum()) == 0   # the padding row generates nothing
+  assert 0 < int(alone['mask_BxN'].sum()) < 12  # some row stopped at EOS, some ran on
+
+
+def test_distillm_schedule_after_eval():
+  """Released-code semantics: the first evaluation sets the reference; a rise of ≥ eps over
+  it adds threshold_step (capped at 1) and moves the reference; smaller changes do nothing."""
+  algo = distillm.DistiLLM.__new__(distillm.DistiLLM)
+  algo.options = dict(distillm.DistiLLM.DEFAULTS, threshold_step=0.4)
+  state = {'algo': {'threshold': jnp.float32(0.0), 'reference_loss': jnp.float32(jnp.inf)}}
+  seen = []
+  for loss in (2.0, 1.5, 2.05, 2.2, 1.0, 2.25, 2.4, 2.6):
+    state = algo.after_eval(state, {'ce': loss})
+    seen.append((float(state['algo']['threshold']), float(state['algo']['reference_loss'])))
+  expected = [(0.0, 2.0), (0.0, 2.0), (0.0, 2.0), (0.4, 2.2), (0.4, 2.2), (0.4, 2.2), (0.8, 2.4),
+              (1.0, 2.6)]
+  np.testing.assert_allclose(seen, expected, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------- bad input
+
+
+BAD_KWARGS = [
+    ('gkd', {'lmbda': 1.5}, 'lmbda must be a probability in [0, 1]'),
+    ('gkd', {'lmbda': -0.1}, 'lmbda must be a probability in [0, 1]'),
+    ('gkd', {'seq_kd': 'yes'}, 'seq_kd must be True or False'),
+    ('gkd', {'temperature': -1.0}, 'temperature must be a finite number >= 0'),
+    ('onpolicy_rkl', {'top_p': 0.0}, 'top_p must be in (0, 1]'),
+    ('skd', {'top_k': -2}, 'top_k must be an int >= 0'),
+    ('skd', {'top_k_teacher': 0}, 'top_k_teacher must be an int >= 1'),
+    ('minillm', {'teacher_mix': 1.0}, 'teacher_mix must be in [0, 1)'),
+    ('minillm', {'temperature': 0.0}, 'importance weights need a sampling distribution'),
+    ('distillm', {'capacity': 4}, 'capacity must be an int >= config.data.batch_size'),
+    ('distillm', {'replay_ratio': 'sometimes'}, 'replay_ratio must be one of'),
+    ('gkd', {'lambda': 0.5}, "does not take kwargs ['lambda']"),
+]
+
+
+@pytest.mark.parametrize('name,kwargs,message', BAD_KWARGS)
+def test_bad_kwargs_fail_before_compilation(name, kwargs, message, teacher_dir, tmp_path,
+                                            monkeypatch):
+  config = small_config(f'arithmetic_{name}')
+  config.teacher.checkpoint = teacher_dir
+  config.mesh.data = 1
+  with config.unlocked():
+    config.algorithm.kwargs.update(kwargs)
+
+  def compiled(*args, **kw):
+    raise AssertionError('the train state was built before the bad input was reported')
+
+  monkeypatch.setattr(trainer.state_lib, 'create_train_state', compiled)
+  with pytest.raises(ValueError) as error:
+    trainer.train(config, str(tmp_path))
+  assert message in str(error.value), error.value
+
+
+def test_wrong_loss_and_missing_teacher_are_refused(teacher_dir, tmp_path):
+  config = small_config('arithmetic_minillm')
+  config.teacher.checkpoint = teacher_dir
+  config.loss.divergence = 'forward_kl'
+  run = trainer.build_run(config, str(tmp_path))
+  with pytest.raises(ValueError, match='set config.loss.divergence=reverse_kl'):
+    algorithms.get('minillm')(run.config, run).validate()
+  config = small_config('arithmetic_gkd')
+  config.loss.kd_weight = 0.0
+  config.loss.ce_weight = 1.0
+  run = trainer.build_run(config, str(tmp_path))
+  with pytest.raises(ValueError, match='needs a teacher'):
+    algorithms.get('gkd')(run.config, run).validate()
