@@ -146,7 +146,9 @@ def _truth_metrics(run, graphdef, params, batches) -> dict[str, float]:
     invalid.append(((outside * gen_mask).sum() / max(gen_mask.sum(), 1.0), gen_mask.sum()))
     samples += [run.tokenizer.decode(t) for t, keep in zip(np.asarray(gen['tokens_BxN']),
                                                            mask.sum(1) > 0) if keep]
-  weighted = lambda pairs: sum(v * n for v, n in pairs) / max(sum(n for _, n in pairs), 1.0)
+  # float(): the counts are numpy float32, which json (final_metrics.json) cannot write.
+  weighted = lambda pairs: float(sum(v * n for v, n in pairs) /
+                                 max(sum(n for _, n in pairs), 1.0))
   return {'truth_kl_forward': weighted(fwd), 'truth_kl_reverse': weighted(rev),
           'student_mass_off_support': weighted(invalid),
           'sample_distinct_fraction': len(set(samples)) / max(len(samples), 1)}
