@@ -77,67 +77,77 @@ def _rope(x_BxTxHxDh, rope):
   return out.astype(x_BxTxHxDh.dtype)
 
 
-def _attend(q_BxTxHxDh, blocks):
+def _attend(q_BxHxTxDh, blocks):
   """Grouped-query softmax attention jointly over several blocks of keys; softmax in fp32.
 
   blocks: sequence of (k [B,Hkv,S,Dh], v [B,Hkv,S,Dh], allowed [B,T,S]). Keeping the cached keys
   and the new keys as separate blocks means the cache is only read, never copied, per layer.
+  All operands are heads-major and each kv head's query group is folded into the row axis, so
+  both products are plain batched matmuls [G·T, Dh] x [Dh, S] (and their gradients too);
+  token-major einsums made XLA:CPU add transposing copies in the backward pass.
   The two matmuls run in the compute dtype (as in HF; XLA:CPU has no bf16 x bf16 -> fp32 dot).
+  Returns [B, T, H·Dh].
   """
-  B, T, H, Dh = q_BxTxHxDh.shape
+  B, H, T, Dh = q_BxHxTxDh.shape
   K = blocks[0][0].shape[1]
-  q = q_BxTxHxDh.reshape(B, T, K, H // K, Dh)
+  q = q_BxHxTxDh.reshape(B, K, H // K * T, Dh)
   scores = [jnp.where(allowed[:, None, None],
-                      jnp.einsum('btkgd,bksd->bkgts', q, k).astype(jnp.float32) * Dh ** -0.5,
+                      jnp.einsum('bkqd,bksd->bkqs', q, k).astype(jnp.float32)
+                      .reshape(B, K, H // K, T, -1) * Dh ** -0.5,
                       _MASKED)
             for k, _, allowed in blocks]
   probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(q.dtype)
+  probs = probs.reshape(B, K, H // K * T, -1)
   splits = np.cumsum([s.shape[-1] for s in scores])[:-1]
-  out = sum(jnp.einsum('bkgts,bksd->btkgd', p, v)
+  out = sum(jnp.einsum('bkqs,bksd->bkqd', p, v)
             for p, (_, v, _) in zip(jnp.split(probs, splits, axis=-1), blocks))
-  return out.reshape(B, T, H * Dh)
+  return out.reshape(B, H, T, Dh).transpose(0, 2, 1, 3).reshape(B, T, H * Dh)
 
 
-def _qkv(cfg, p, x_BxTxD, rope):
+def _qkv(cfg, p, x_NxD, rope, batch):
   """Pre-norm, q/k/v projections (+bias, +qk-norm) and RoPE for one layer.
 
-  Returns q [B, T, H, Dh] and heads-major k, v [B, Hkv, T, Dh].
+  x_NxD holds the batch's B·T tokens as rows (2-D, so each projection and its weight gradient is
+  one canonical matmul). Returns heads-major q [B, H, T, Dh], k, v [B, Hkv, T, Dh].
   """
-  B, T, _ = x_BxTxD.shape
-  dt, Dh = x_BxTxD.dtype, cfg.resolved_head_dim
-  h = _rms_norm(x_BxTxD, p['attn_norm'], cfg.norm_eps).astype(dt)
+  N = x_NxD.shape[0]
+  dt, Dh = x_NxD.dtype, cfg.resolved_head_dim
+  h = _rms_norm(x_NxD, p['attn_norm'], cfg.norm_eps).astype(dt)
 
   def project(name, n_heads):
     y = h @ p['w' + name].astype(dt)
     if cfg.qkv_bias:
       y = y + p['b' + name].astype(dt)
-    return y.reshape(B, T, n_heads, Dh)
+    return y.reshape(batch, N // batch, n_heads, Dh)
 
   q, k, v = project('q', cfg.n_heads), project('k', cfg.n_kv_heads), project('v', cfg.n_kv_heads)
   if cfg.qk_norm:
     q = _rms_norm(q, p['q_norm'], cfg.norm_eps).astype(dt)
     k = _rms_norm(k, p['k_norm'], cfg.norm_eps).astype(dt)
-  return _rope(q, rope), _rope(k, rope).transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+  heads_major = lambda x: x.transpose(0, 2, 1, 3)
+  return heads_major(_rope(q, rope)), heads_major(_rope(k, rope)), heads_major(v)
 
 
-def _finish(cfg, p, x_BxTxD, attn_BxTxHDh):
-  """Attention output projection, residual, and the SwiGLU MLP block."""
-  dt = x_BxTxD.dtype
-  x = x_BxTxD + attn_BxTxHDh @ p['wo'].astype(dt)
+def _finish(cfg, p, x_NxD, attn_NxHDh):
+  """Attention output projection, residual, and the SwiGLU MLP block, on [B·T, ...] rows."""
+  dt = x_NxD.dtype
+  x = x_NxD + attn_NxHDh @ p['wo'].astype(dt)
   h = _rms_norm(x, p['mlp_norm'], cfg.norm_eps).astype(dt)
   mlp = jax.nn.silu(h @ p['w_gate'].astype(dt)) * (h @ p['w_up'].astype(dt))
   return x + mlp @ p['w_down'].astype(dt)
 
 
-def _layer(cfg, p, x_BxTxD, rope, allowed_BxTxT, cached=()):
-  """One transformer layer over T new tokens; returns (x, k, v) with this layer's new k, v.
+def _layer(cfg, p, x_NxD, rope, allowed_BxTxT, cached=()):
+  """One transformer layer over the B·T new tokens x [B·T, D]; returns (x, k, v) with this
+  layer's new k, v.
 
   rope: the (cos, sin) tables of the new tokens' positions, shared by all layers.
   cached: optionally one (k_cache, v_cache, allowed [B,T,S]) block of earlier keys to attend to.
   """
-  q, k, v = _qkv(cfg, p, x_BxTxD, rope)
+  B = allowed_BxTxT.shape[0]
+  q, k, v = _qkv(cfg, p, x_NxD, rope, B)
   attn = _attend(q, [*cached, (k, v, allowed_BxTxT)])
-  return _finish(cfg, p, x_BxTxD, attn), k, v
+  return _finish(cfg, p, x_NxD, attn.reshape(x_NxD.shape[0], -1)), k, v
 
 
 def _positions(mask_BxT):
@@ -240,10 +250,10 @@ class Transformer(nnx.Module):
 
     if cfg.remat:
       body = jax.checkpoint(body)
-    x, layers = jax.lax.scan(body, self._embed(tokens_BxT), self.layers.arrays(),
-                             unroll=cfg.scan_unroll)
-    h = _rms_norm(x, self.final_norm[...], cfg.norm_eps)
-    return (h, layers) if return_layers else h
+    x, layers = jax.lax.scan(body, self._embed(tokens_BxT).reshape(B * T, -1),
+                             self.layers.arrays(), unroll=cfg.scan_unroll)
+    h = _rms_norm(x, self.final_norm[...], cfg.norm_eps).reshape(B, T, -1)
+    return (h, layers.reshape(cfg.n_layers, B, T, -1)) if return_layers else h
 
   # ---- KV cache ----------------------------------------------------------------------------
 
@@ -301,8 +311,9 @@ class Transformer(nnx.Module):
     # The cache is only read inside the layer scan and written once after it: on CPU, writing
     # it inside the scan made XLA copy the whole cache for every layer.
     x, (k_LxBxKxPxDh, v_LxBxKxPxDh) = jax.lax.scan(
-        body, self._embed(tokens_BxP), (self.layers.arrays(), cache['k'], cache['v']),
-        unroll=cfg.scan_unroll)
+        body, self._embed(tokens_BxP).reshape(B * P, -1),
+        (self.layers.arrays(), cache['k'], cache['v']), unroll=cfg.scan_unroll)
+    x = x.reshape(B, P, -1)
     start = (0, 0, 0, index, 0)
     new_cache = {
         'k': jax.lax.dynamic_update_slice(cache['k'], k_LxBxKxPxDh, start),
