@@ -23,6 +23,8 @@ import jinja2.ext
 import jinja2.sandbox
 from tokenizers import Tokenizer
 
+from distill.data.tokenizer import content_ids
+
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json',
                    'chat_template.jinja')
 
@@ -187,17 +189,7 @@ class HFTokenizer:
 
   def decode(self, ids: Iterable[int]) -> str:
     """Text of `ids`: stops at the first EOS, skips pad and BOS, keeps other special tokens."""
-    out = []
-    for i in ids:
-      i = int(i)
-      if i == self.eos_id:
-        break
-      if i in (self.pad_id, self.bos_id):
-        continue
-      if not 0 <= i < self.vocab_size:
-        raise ValueError(f'token id {i} is outside the tokenizer vocabulary [0, {self.vocab_size})')
-      out.append(i)
-    return self.tokenizer.decode(out, skip_special_tokens=False)
+    return self.tokenizer.decode(content_ids(self, ids), skip_special_tokens=False)
 
   def fingerprint(self) -> str:
     """Stable short hash of the vocabulary, merges, normalisation and special ids."""

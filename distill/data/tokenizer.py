@@ -46,17 +46,7 @@ class CharTokenizer:
 
   def decode(self, ids: Iterable[int]) -> str:
     """Text of `ids`: stops at the first EOS, skips pad and BOS."""
-    out = []
-    for i in ids:
-      i = int(i)
-      if i == self.eos_id:
-        break
-      if i in (self.pad_id, self.bos_id):
-        continue
-      if not 0 <= i < self.vocab_size:
-        raise ValueError(f'token id {i} is outside the vocabulary [0, {self.vocab_size})')
-      out.append(self._id_to_token[i])
-    return ''.join(out)
+    return ''.join(self._id_to_token[i] for i in content_ids(self, ids))
 
   def fingerprint(self) -> str:
     """Stable short hash of the vocabulary (ids and tokens)."""
@@ -65,3 +55,21 @@ class CharTokenizer:
 
   def __repr__(self) -> str:
     return f'CharTokenizer(vocab_size={self.vocab_size}, fingerprint={self.fingerprint()!r})'
+
+
+def content_ids(tokenizer, ids: Iterable[int]) -> list[int]:
+  """The ids a decoder turns into text: up to the first EOS, without pad and BOS.
+
+  Shared by every tokenizer of the framework; ids outside the vocabulary raise.
+  """
+  out = []
+  for i in ids:
+    i = int(i)
+    if i == tokenizer.eos_id:
+      break
+    if i in (tokenizer.pad_id, tokenizer.bos_id):
+      continue
+    if not 0 <= i < tokenizer.vocab_size:
+      raise ValueError(f'token id {i} is outside the vocabulary [0, {tokenizer.vocab_size})')
+    out.append(i)
+  return out
