@@ -154,7 +154,7 @@ def topk_loss(student_h_BxTxD, student_w_DxV, ids_BxTxK, logprobs_BxTxK, targets
   order = jnp.argsort(weights_N == 0, stable=True)
 
   def chunks(x):   # [N, ...] -> [n_chunks, chunk, ...], padding with weight 0
-    x = jnp.pad(x[order], [(0, n_chunks * chunk - n)] + [(0, 0)] * (x.ndim - 1))
+    x = jnp.pad(jnp.asarray(x)[order], [(0, n_chunks * chunk - n)] + [(0, 0)] * (x.ndim - 1))
     return x.reshape(n_chunks, chunk, *x.shape[1:])
 
   @jax.checkpoint
@@ -191,12 +191,13 @@ class CachedTeacher(CacheAlgorithm):
     if options['tail'] not in TAILS:
       raise self.kwarg_error('tail', f'must be one of {TAILS}, got '
                              f'{options["tail"]!r}')
+    self.token_fn = self.make_token_fn()
+    if self.online:
+      return
     if options['logprob_dtype'] not in ('float32', 'float16'):
       raise self.kwarg_error('logprob_dtype', 'must be float32 or float16, got '
                              f'{options["logprob_dtype"]!r}')
-    self.token_fn = self.make_token_fn()
-    if not self.online:
-      super().check_options(options)
+    super().check_options(options)
 
   def identity_settings(self) -> dict:
     return {'k': self.options['k'], 'temperature': self.config.loss.temperature,

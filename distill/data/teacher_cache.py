@@ -35,7 +35,6 @@ from jax.experimental import multihost_utils
 
 from distill.data import pipeline
 from distill.parallel import mesh as mesh_lib
-from distill.train.checkpoint import identity_mismatch
 
 MANIFEST = 'manifest.json'
 Rows = dict[str, np.ndarray]
@@ -93,7 +92,9 @@ def read_manifest(directory: str) -> dict | None:
 
 
 def check_identity(directory: str, manifest: dict, identity: dict) -> None:
-  problems = identity_mismatch(manifest['identity'], identity)
+  saved = manifest['identity']
+  problems = [f'{k}: the cache has {saved.get(k)!r}, this run has {identity.get(k)!r}'
+              for k in sorted(set(saved) | set(identity)) if saved.get(k) != identity.get(k)]
   if problems:
     raise CacheMismatchError(
         f'the cache in {directory} was made for a different run; point the algorithm\'s '
