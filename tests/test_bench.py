@@ -109,8 +109,7 @@ def test_every_case_runs_once_in_small_mode(tmp_path):
     assert row['compile_s'] > row['step_s_median']
     assert row['compiles_during_timed'] == 0
     assert row['gflops'] == pytest.approx(row['gflop_per_step'] / row['step_s_median'])
-    assert row['matmul_peak_gflops'] == pytest.approx(
-        np.mean(row['matmul_peak_gflops_before_after'])) and row['matmul_peak_gflops'] > 0
+    assert row['matmul_peak_gflops'] > 0 and row['step_in_matmuls'] > 0
     assert row['peak_fraction'] == pytest.approx(row['gflops'] / row['matmul_peak_gflops'])
     assert row['mfu'] is None   # CPU: no data-sheet peak
     assert row['peak_mem_source'] == 'xla_memory_analysis' and row['peak_mem_bytes'] > 0
@@ -130,7 +129,8 @@ def test_every_case_runs_once_in_small_mode(tmp_path):
     assert 0 < row['loss'] < math.log(2)
   assert gen['tokens_per_s'] == pytest.approx(
       shapes.batch * shapes.completion_len / gen['step_s_median'])
-  assert on['ratio_to_offpolicy'] == pytest.approx(on['step_s_median'] / off['step_s_median'])
+  assert on['ratio_to_offpolicy_s'] == pytest.approx(on['step_s_median'] / off['step_s_median'])
+  assert on['ratio_to_offpolicy'] == pytest.approx(on['step_in_matmuls'] / off['step_in_matmuls'])
 
   mem = by_case['loss_memory']
   assert 0 < mem['chunked_peak_bytes'] < mem['plain_peak_bytes']

@@ -138,7 +138,7 @@ def algorithm_step_fn(setup: Setup, name: str):
                  out_shardings=(setup.shardings, None), donate_argnums=(0,))
 
 
-def _time_train(setup: Setup, algorithm: str, steps: int, warmup: int) -> dict:
+def _time_train(setup: Setup, algorithm: str, steps: int, warmup: int, probe=None) -> dict:
   """Times a donated-state step; records its loss and compiled memory footprint."""
   step_fn = algorithm_step_fn(setup, algorithm)
   teacher = setup.run.teacher_params
@@ -146,7 +146,8 @@ def _time_train(setup: Setup, algorithm: str, steps: int, warmup: int) -> dict:
   def call(carry):
     return step_fn(carry[0], teacher, setup.batch)
 
-  t, (setup.state, metrics) = timing.time_steps(call, (setup.state, None), steps, warmup)
+  t, (setup.state, metrics) = timing.time_steps(call, (setup.state, None), steps, warmup,
+                                                probe)
   loss_sum, count = metrics['loss']
   # After a call with these shapes, lowering again reuses the jit's compiled executable.
   compiled = step_fn.lower(setup.state, teacher, setup.batch).compile()
@@ -157,19 +158,19 @@ def _time_train(setup: Setup, algorithm: str, steps: int, warmup: int) -> dict:
                                            shapes.seq_len)}
 
 
-def offpolicy_step(setup: Setup, steps: int, warmup: int) -> dict:
-  return _time_train(setup, 'supervised', steps, warmup)
+def offpolicy_step(setup: Setup, steps: int, warmup: int, probe=None) -> dict:
+  return _time_train(setup, 'supervised', steps, warmup, probe)
 
 
-def onpolicy_step(setup: Setup, steps: int, warmup: int) -> dict:
-  out = _time_train(setup, 'gkd', steps, warmup)
+def onpolicy_step(setup: Setup, steps: int, warmup: int, probe=None) -> dict:
+  out = _time_train(setup, 'gkd', steps, warmup, probe)
   shapes = setup.shapes
   out['flop'] += flops.generate_flops(shapes.student, shapes.batch, shapes.prompt_len,
                                       shapes.completion_len)
   return out
 
 
-def generate(setup: Setup, steps: int, warmup: int) -> dict:
+def generate(setup: Setup, steps: int, warmup: int, probe=None) -> dict:
   """The student's sampling alone: the batch's prompts completed by `make_generate_fn`."""
   shapes, P = setup.shapes, setup.shapes.prompt_len
   generate_fn = sampling.make_generate_fn(setup.graphdef, sampling_config(shapes))
@@ -181,7 +182,7 @@ def generate(setup: Setup, steps: int, warmup: int) -> dict:
   def call(_):
     return generate_fn(params, prompt_BxP, prompt_mask_BxP, next(keys))
 
-  t, sample = timing.time_steps(call, None, steps, warmup)
+  t, sample = timing.time_steps(call, None, steps, warmup, probe)
   generated = int(sample['mask_BxN'].sum())
   if generated != shapes.batch * shapes.completion_len:
     raise RuntimeError(f'generate stopped early: {generated} tokens, expected '

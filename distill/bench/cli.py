@@ -6,17 +6,24 @@
 
 Lines go to stdout (and are appended to --out); a readable summary goes to stderr.
 Fields of a timed case: step_s_median (and every timed step_s), tokens_per_s, gflop_per_step
-(the FLOP convention of distill.bench.flops), gflops (achieved GFLOP/s), peak_fraction (gflops
-over a 2048³ fp32 jitted matmul timed in this process), mfu (over the device's data-sheet peak
-for the compute dtype; GPU/TPU only), compile_s (first call, compilation included),
+(the FLOP convention of distill.bench.flops), gflops (achieved GFLOP/s), peak_fraction (achieved
+FLOP/s over a 2048³ fp32 jitted matmul's; the matmul is timed before and after every timed step
+and each step is measured against its neighbours, so load drift on a shared machine cancels;
+step_in_matmuls is the median step time in matmul times, matmul_peak_gflops the matmul's median
+rate), mfu (over the device's data-sheet peak for the compute dtype; GPU/TPU only; matmul figures
+are kept there too), compile_s (first call, compilation included),
 compiles_during_timed (XLA compilations while the timed steps ran: 0 unless something
 recompiles), peak_mem_bytes with peak_mem_source ('device' allocator peak where the backend
 reports one, else 'xla_memory_analysis' of the compiled step), plus versions and the device.
+onpolicy_step adds ratio_to_offpolicy (in matmul units: drift-corrected) and ratio_to_offpolicy_s
+(in seconds). loss_memory compiles only (the plain form needs ~28 GB at full size) and reports
+XLA's memory analysis: *_peak_bytes (arguments + outputs + temporaries), *_temp_bytes and ratios.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 
@@ -57,15 +64,19 @@ def parse_args(argv=None) -> argparse.Namespace:
   return args
 
 
-def _timed_fields(result: dict, matmul_flops: float, peak_flops: float | None) -> dict:
+def _timed_fields(result: dict, probe: timing.MatmulProbe, peak_flops: float | None) -> dict:
   t = result['timing']
   achieved = result['flop'] / t.median_s
+  # Each step against the matmul timed around it, so that load drift cancels out.
+  matmuls_per_step = statistics.median(s / r for s, r in zip(t.step_s, t.reference_s))
   memory = timing.device_peak_memory()
   return {
       'step_s_median': t.median_s, 'step_s': t.step_s,
       'tokens_per_s': result['tokens'] / t.median_s,
       'gflop_per_step': result['flop'] / 1e9, 'gflops': achieved / 1e9,
-      'matmul_peak_gflops': matmul_flops / 1e9, 'peak_fraction': achieved / matmul_flops,
+      'matmul_peak_gflops': statistics.median(probe.flop / r for r in t.reference_s) / 1e9,
+      'step_in_matmuls': matmuls_per_step,
+      'peak_fraction': result['flop'] / (matmuls_per_step * probe.flop),
       'mfu': None if peak_flops is None else achieved / peak_flops,
       'compile_s': t.compile_s, 'compiles_during_timed': t.compiles_during_timed,
       'peak_mem_bytes': result['compiled_bytes'] if memory is None else memory,
@@ -87,7 +98,7 @@ def run(args) -> list[dict]:
             'batch': shapes.batch, 'prompt_len': shapes.prompt_len,
             'completion_len': shapes.completion_len,
             'time': time.strftime('%Y-%m-%dT%H:%M:%S%z')}
-  setup = None
+  setup = probe = None
   rows = []
   for case in args.cases:
     if case == 'loss_memory':   # compile-only: the plain form would not fit many machines
@@ -97,18 +108,15 @@ def run(args) -> list[dict]:
       row['compile_s'] = time.perf_counter() - start
     else:
       setup = setup or cases.make_setup(shapes, args.chunk_size, args.seed)
-      # The matmul peak is timed just before and after the case and averaged, so that load
-      # drifting on a shared machine affects both sides of the ratio alike.
-      before = timing.matmul_peak_flops(shapes.matmul_n)
-      result = getattr(cases, case)(setup, args.steps, args.warmup)
-      after = timing.matmul_peak_flops(shapes.matmul_n)
-      row = {'loss': result.get('loss'),
-             **_timed_fields(result, (before + after) / 2, peak),
-             'matmul_peak_gflops_before_after': [before / 1e9, after / 1e9]}
+      probe = probe or timing.MatmulProbe(shapes.matmul_n)
+      result = getattr(cases, case)(setup, args.steps, args.warmup, probe)
+      row = {'loss': result.get('loss'), **_timed_fields(result, probe, peak)}
     row = {'case': case, **row, **common}
     if case == 'onpolicy_step':
       off = next((r for r in rows if r['case'] == 'offpolicy_step'), None)
-      row['ratio_to_offpolicy'] = off and row['step_s_median'] / off['step_s_median']
+      # In matmul units (drift-corrected), and in plain seconds.
+      row['ratio_to_offpolicy'] = off and row['step_in_matmuls'] / off['step_in_matmuls']
+      row['ratio_to_offpolicy_s'] = off and row['step_s_median'] / off['step_s_median']
     rows.append(row)
     _emit(row, args.out)
   return rows

@@ -35,46 +35,73 @@ def compile_count() -> int:
   return _compiles
 
 
+class MatmulProbe:
+  """The machine's practical peak: a jitted fp32 n×n×n matmul, compiled once, timed on demand.
+
+  Timed right next to the steps it normalises, so that load drifting on a shared machine
+  affects both sides of the ratio alike.
+  """
+
+  def __init__(self, n: int = 2048, repeats: int = 3):
+    self.flop = 2 * n**3
+    self.repeats = repeats
+    self._a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    self._b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+    self._matmul = jax.jit(jnp.matmul)
+    jax.block_until_ready(self._matmul(self._a, self._b))
+
+  def seconds(self) -> float:
+    """Median seconds of `repeats` matmuls."""
+    times = []
+    for _ in range(self.repeats):
+      start = time.perf_counter()
+      jax.block_until_ready(self._matmul(self._a, self._b))
+      times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+  def flops(self) -> float:
+    return self.flop / self.seconds()
+
+
 @dataclasses.dataclass(frozen=True)
 class Timing:
   compile_s: float          # the first call, compilation included
   step_s: list[float]       # each timed call, after the warm-up calls
   compiles_during_timed: int
+  reference_s: list[float] | None = None   # per timed call: the probe's time around it
 
   @property
   def median_s(self) -> float:
     return statistics.median(self.step_s)
 
 
-def time_steps(step: Callable[[Any], Any], carry: Any, steps: int,
-               warmup: int = 1) -> tuple[Timing, Any]:
+def time_steps(step: Callable[[Any], Any], carry: Any, steps: int, warmup: int = 1,
+               probe: MatmulProbe | None = None) -> tuple[Timing, Any]:
   """Times `carry = step(carry)`: one compiling call, `warmup` more, then `steps` timed ones.
   Returns the timing and the last carry.
 
   Each call is waited for (block_until_ready on everything it returns) before the clock
   stops, so asynchronous dispatch cannot hide work. Threading the carry lets a step donate it.
+  With a probe, the matmul is timed before the first and after every timed call, and each
+  call's reference is the mean of the probe times just before and after it.
   """
   start = time.perf_counter()
   carry = jax.block_until_ready(step(carry))
   compile_s = time.perf_counter() - start
   for _ in range(warmup):
     carry = jax.block_until_ready(step(carry))
+  probes = [probe.seconds()] if probe else []
   before = compile_count()
   times = []
   for _ in range(steps):
     start = time.perf_counter()
     carry = jax.block_until_ready(step(carry))
     times.append(time.perf_counter() - start)
-  return Timing(compile_s, times, compile_count() - before), carry
-
-
-def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
-  """FLOP/s of a jitted fp32 n×n×n matmul (median of `repeats`): the machine's practical peak."""
-  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
-  matmul = jax.jit(jnp.matmul)
-  t, _ = time_steps(lambda _: matmul(a, b), None, repeats)
-  return 2 * n**3 / t.median_s
+    if probe:
+      probes.append(probe.seconds())
+  compiles = compile_count() - before
+  reference = [(a + b) / 2 for a, b in zip(probes, probes[1:])] if probe else None
+  return Timing(compile_s, times, compiles, reference), carry
 
 
 def _git_commit() -> str | None:
