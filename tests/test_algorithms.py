@@ -236,6 +236,21 @@ def test_joint_generate_reproduces_generate():
   assert 0 < int(alone['mask_BxN'].sum()) < 12  # some row stopped at EOS, some ran on
 
 
+def test_skd_replaces_proposals_outside_the_teacher_top_k():
+  from distill.algorithms import skd
+  algo = skd.SKD.__new__(skd.SKD)
+  algo.sampling = sampling.SamplingConfig(max_new_tokens=1)
+  big = 50.0
+  student = jnp.array([[0, 0, 0, 0, big]] * 2)            # always proposes token 4
+  teacher = jnp.array([[big, 4, 3, 2, 1],                  # token 4 ranks last: replaced by 0
+                       [3, big, 2, 1, 4]])                 # token 4 ranks 2nd: kept for K >= 2
+  for k, expected, replaced in ((1, [0, 1], [1, 1]), (2, [0, 4], [1, 0]), (5, [4, 4], [0, 0])):
+    algo.options = {'top_k_teacher': k}
+    token, _, flag = jax.jit(algo._choose)(jax.random.PRNGKey(k), student, teacher)
+    np.testing.assert_array_equal(token, expected)
+    np.testing.assert_array_equal(flag, replaced)
+
+
 def test_distillm_schedule_after_eval():
   """Released-code semantics: the first evaluation sets the reference; a rise of ≥ eps over
   it adds threshold_step (capped at 1) and moves the reference; smaller changes do nothing."""
