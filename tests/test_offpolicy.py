@@ -26,7 +26,7 @@ from distill.train import step as step_lib
 from distill.train import teacher as teacher_lib
 from distill.train import trainer
 from tests.helpers import read_metrics, run_cli, small_config
-from tests.test_teacher_cache import export_random_teacher
+from tests.test_teacher_cache import export_random_teacher, random_params
 
 FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
 COMMON = ['--config.mesh.data=1', '--config.eval.generate=False', '--config.log_steps=1']
@@ -99,10 +99,12 @@ def run(teacher_dir, tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def initial(run):
-  """(state without algorithm state, ctx) as the trainer builds them: shared by the steps."""
+  """(state without algorithm state, ctx) in the trainer's layout, shared by the steps."""
   optimizer = opt_lib.make_optimizer(run.config)
-  state, _, graphdef = state_lib.create_train_state(run.model_config, optimizer,
-                                                    jax.random.PRNGKey(0), run.mesh)
+  params = random_params(run.model_config, seed=0)
+  state = {'step': np.int32(0), 'rng': np.zeros(2, np.uint32), 'params': params,
+           'opt_state': jax.jit(optimizer.init)(params)}
+  graphdef = state_lib.abstract_model(run.model_config)[0]
   return state, step_lib.StepContext(graphdef, run.teacher_graphdef, optimizer,
                                      trainer.make_token_fn(run.config, True))
 

@@ -13,16 +13,21 @@ from distill.train import trainer
 from tests.helpers import small_config
 
 
+def random_params(model_config, seed: int, scale: float = 0.1):
+  """Gaussian params in the model's layout, drawn by numpy (no RNG program to compile)."""
+  from distill.train import state as state_lib
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda a: (scale * rng.standard_normal(a.shape)).astype(a.dtype),
+                      state_lib.abstract_model(model_config)[1])
+
+
 def export_random_teacher(workdir: str, seed: int = 1) -> str:
   """A random tiny teacher exported the way a teacher run exports (no training needed)."""
   from distill.data.tokenizer import CharTokenizer
   from distill.models import get_preset
-  from distill.parallel import mesh as mesh_lib
-  from distill.train import state as state_lib
   from distill.train import teacher as teacher_lib
   config = get_preset('tiny', vocab_size=CharTokenizer().vocab_size)
-  params = state_lib.init_params(config, jax.random.PRNGKey(seed), mesh_lib.make_mesh({'data': 1}))
-  teacher_lib.export_final(workdir, config, params)
+  teacher_lib.export_final(workdir, config, random_params(config, seed, scale=0.3))
   return workdir
 
 

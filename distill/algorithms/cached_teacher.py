@@ -34,6 +34,7 @@ from distill import losses
 from distill.algorithms.base import Algorithm
 from distill.data import teacher_cache
 from distill.losses.topk import TAILS
+from distill.parallel import mesh as mesh_lib
 from distill.train import step as step_lib
 
 ROW_KEYS = ('tokens', 'targets', 'input_mask', 'loss_mask')
@@ -81,7 +82,7 @@ class CacheAlgorithm(OptionsAlgorithm):
   def check_options(self, options: dict) -> None:
     self.positive_int('rows_per_shard')
     batch_size = options['batch_size'] or self.config.data.eval_batch_size
-    data_parallel = self.run.mesh.shape['data'] * self.run.mesh.shape['fsdp']
+    data_parallel = mesh_lib.data_parallel_size(self.run.mesh)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size % data_parallel:
       raise self.kwarg_error('batch_size', f'must be an int divisible by the data-parallel size '
                              f'{data_parallel} (0: config.data.eval_batch_size), got {batch_size!r}')
@@ -94,10 +95,9 @@ class CacheAlgorithm(OptionsAlgorithm):
       raise ValueError(f'{self.LABEL} needs {self.num_rows()} train examples but task '
                        f'{self.run.task.name!r} has {available}')
     self.identity = teacher_cache.run_identity(self.run, self.KIND, **self.identity_settings())
-    manifest = teacher_cache.read_manifest(self.cache_dir)
-    if manifest is not None:   # refused before anything compiles
-      teacher_cache.check_identity(self.cache_dir, manifest, dict(
-          self.identity, num_rows=self.num_rows(), rows_per_shard=options['rows_per_shard']))
+    # A cache made for another run is refused now, before anything compiles.
+    teacher_cache.check_existing(self.cache_dir, self.identity, num_rows=self.num_rows(),
+                                 rows_per_shard=options['rows_per_shard'])
 
   def build_cache(self, stop_after_shards: int | None = None) -> dict:
     """Writes (or finishes, or reuses) the cache; returns its manifest."""

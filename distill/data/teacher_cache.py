@@ -102,6 +102,17 @@ def check_identity(directory: str, manifest: dict, identity: dict) -> None:
         + '\n  '.join(problems))
 
 
+def check_existing(directory: str, identity: dict, *, num_rows: int,
+                   rows_per_shard: int) -> dict | None:
+  """The manifest of the cache in `directory` (None if there is none yet); refused with the
+  differing fields named if it was made for another identity or layout."""
+  manifest = read_manifest(directory)
+  if manifest is not None:
+    check_identity(directory, manifest, dict(identity, num_rows=num_rows,
+                                             rows_per_shard=rows_per_shard))
+  return manifest
+
+
 def _shard_dir(directory: str, shard: int) -> str:
   return os.path.join(directory, f'shard-{shard:05d}')
 
@@ -130,18 +141,17 @@ def write(directory: str, identity: dict, *, num_rows: int, rows_per_shard: int,
   if num_rows < 1 or rows_per_shard < 1:
     raise ValueError(f'{label}: num_rows and rows_per_shard must be >= 1, got {num_rows}, '
                      f'{rows_per_shard}')
-  identity = dict(identity, num_rows=num_rows, rows_per_shard=rows_per_shard)
   num_shards = -(-num_rows // rows_per_shard)
   writer = jax.process_index() == 0
   _sync('teacher-cache-start')
-  manifest = read_manifest(directory)
-  if manifest is not None:
-    check_identity(directory, manifest, identity)
-    if manifest['complete']:
-      print(f'{label}: reusing {manifest["num_rows"]} rows in {directory}', flush=True)
-      return manifest
-  else:
-    manifest = {'identity': identity, 'num_rows': num_rows, 'rows_per_shard': rows_per_shard,
+  manifest = check_existing(directory, identity, num_rows=num_rows,
+                            rows_per_shard=rows_per_shard)
+  if manifest is not None and manifest['complete']:
+    print(f'{label}: reusing {manifest["num_rows"]} rows in {directory}', flush=True)
+    return manifest
+  if manifest is None:
+    manifest = {'identity': dict(identity, num_rows=num_rows, rows_per_shard=rows_per_shard),
+                'num_rows': num_rows, 'rows_per_shard': rows_per_shard,
                 'num_shards': num_shards, 'fields': {}, 'rows_computed': 0, 'complete': False}
   missing = [s for s in range(num_shards) if not os.path.isdir(_shard_dir(directory, s))]
   _sync('teacher-cache-listed')
@@ -183,9 +193,6 @@ def write(directory: str, identity: dict, *, num_rows: int, rows_per_shard: int,
 def example_rows(run, start: int, stop: int, pad_to: int) -> Rows:
   """Train examples start .. stop-1 in the pipeline's row layout, then padding rows."""
   c = run.config
-  n = run.task.num_examples('train')
-  if stop > n:
-    raise ValueError(f'the cache needs {stop} train examples but task {run.task.name!r} has {n}')
   lengths = dict(prompt_len=c.task.prompt_len, completion_len=c.task.completion_len)
   rows = [pipeline.encode_example(run.tokenizer, *run.task.example('train', i), **lengths,
                                   name=f'{run.task.name} train example {i}')
