@@ -15,7 +15,8 @@ are kept there too), compile_s (first call, compilation included),
 compiles_during_timed (XLA compilations while the timed steps ran: 0 unless something
 recompiles), peak_mem_bytes with peak_mem_source ('device' allocator peak where the backend
 reports one, else 'xla_memory_analysis' of the compiled step), plus versions and the device.
-onpolicy_step adds ratio_to_offpolicy (in matmul units: drift-corrected) and ratio_to_offpolicy_s
+step_cpu_s_median is the process's CPU time per step (all threads; less sensitive to other
+processes than wall time). onpolicy_step adds ratio_to_offpolicy (in matmul units: drift-corrected) and ratio_to_offpolicy_s
 (in seconds). loss_memory compiles only (the plain form needs ~28 GB at full size) and reports
 XLA's memory analysis: *_peak_bytes (arguments + outputs + temporaries), *_temp_bytes and ratios.
 """
@@ -72,6 +73,7 @@ def _timed_fields(result: dict, probe: timing.MatmulProbe, peak_flops: float | N
   memory = timing.device_peak_memory()
   return {
       'step_s_median': t.median_s, 'step_s': t.step_s,
+      'step_cpu_s_median': statistics.median(t.cpu_s),
       'tokens_per_s': result['tokens'] / t.median_s,
       'gflop_per_step': result['flop'] / 1e9, 'gflops': achieved / 1e9,
       'matmul_peak_gflops': statistics.median(probe.flop / r for r in t.reference_s) / 1e9,

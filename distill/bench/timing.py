@@ -50,13 +50,13 @@ class MatmulProbe:
     self._matmul = jax.jit(jnp.matmul)
     jax.block_until_ready(self._matmul(self._a, self._b))
 
-  def seconds(self) -> float:
-    """Median seconds of `repeats` matmuls."""
+  def seconds(self, clock=time.perf_counter) -> float:
+    """Median seconds of `repeats` matmuls (wall clock, or e.g. time.process_time)."""
     times = []
     for _ in range(self.repeats):
-      start = time.perf_counter()
+      start = clock()
       jax.block_until_ready(self._matmul(self._a, self._b))
-      times.append(time.perf_counter() - start)
+      times.append(clock() - start)
     return statistics.median(times)
 
   def flops(self) -> float:
@@ -69,6 +69,7 @@ class Timing:
   step_s: list[float]       # each timed call, after the warm-up calls
   compiles_during_timed: int
   reference_s: list[float] | None = None   # per timed call: the probe's time around it
+  cpu_s: list[float] | None = None         # per timed call: this process's CPU time (all threads)
 
   @property
   def median_s(self) -> float:
@@ -92,16 +93,17 @@ def time_steps(step: Callable[[Any], Any], carry: Any, steps: int, warmup: int =
     carry = jax.block_until_ready(step(carry))
   probes = [probe.seconds()] if probe else []
   before = compile_count()
-  times = []
+  times, cpu = [], []
   for _ in range(steps):
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     carry = jax.block_until_ready(step(carry))
     times.append(time.perf_counter() - start)
+    cpu.append(time.process_time() - start_cpu)
     if probe:
       probes.append(probe.seconds())
   compiles = compile_count() - before
   reference = [(a + b) / 2 for a, b in zip(probes, probes[1:])] if probe else None
-  return Timing(compile_s, times, compiles, reference), carry
+  return Timing(compile_s, times, compiles, reference, cpu), carry
 
 
 def _git_commit() -> str | None:
