@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
+
+from distill.train import logging as log_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
@@ -25,7 +27,7 @@ USER_ERRORS = (AttributeError, KeyError, ValueError, FileNotFoundError)
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  quiet_libraries()
+  log_lib.quiet_libraries()
   if _COORDINATOR.value:
     import jax
     # CPU devices need a collectives library across processes (no effect on accelerators).
@@ -33,13 +35,6 @@ def main(argv):
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from distill.train import trainer
   trainer.train(_CONFIG.value, _WORKDIR.value)
-
-
-def quiet_libraries():
-  """Orbax and friends log every save at INFO; keep the console for the progress bar
-  unless --verbosity is given."""
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
 
 
 def run():

@@ -14,6 +14,14 @@ import warnings
 import jax
 
 
+def quiet_libraries():
+  """Orbax and friends log every save at INFO; keep the console for the progress bar
+  unless --verbosity is given."""
+  from absl import flags, logging
+  if 'verbosity' in flags.FLAGS and not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+
+
 class NonFiniteLossError(FloatingPointError):
   pass
 
