@@ -27,19 +27,24 @@ USER_ERRORS = (AttributeError, KeyError, ValueError, FileNotFoundError)
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  start_processes()
+  from distill.train import trainer
+  trainer.train(_CONFIG.value, _WORKDIR.value)
+
+
+def start_processes():
+  """Quiet library logs and, on several hosts, join the jax.distributed job."""
   log_lib.quiet_libraries()
   if _COORDINATOR.value:
     import jax
     # CPU devices need a collectives library across processes (no effect on accelerators).
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  from distill.train import trainer
-  trainer.train(_CONFIG.value, _WORKDIR.value)
 
 
-def run():
+def run(main_fn=main):
   try:
-    app.run(main)
+    app.run(main_fn)
   except USER_ERRORS as e:
     if os.environ.get('DISTILL_TRACEBACK'):
       raise
