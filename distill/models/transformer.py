@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from distill.models.config import ModelConfig
 
@@ -51,6 +52,14 @@ CACHE_AXES = {
     'index': (),
     'pos': ('batch',),
 }
+
+# What a layer keeps for its backward pass (when not fully rematerialised): the matmul outputs
+# the weight and input gradients read (named with checkpoint_name below) plus the layer input;
+# norms, RoPE, transposes and the SwiGLU product are recomputed. Without this policy autodiff
+# keeps ~2.4x more per layer (every elementwise intermediate, some twice in two layouts), and
+# XLA:CPU zero-fills and copies each into a per-layer stack: a third of the backward's time.
+_SAVED_FOR_BACKWARD = jax.checkpoint_policies.save_only_these_names(
+    'q', 'k', 'v', 'probs', 'attn', 'x_mid', 'gate', 'up')
 
 
 def _rms_norm(x, w, eps):
@@ -77,6 +86,19 @@ def _rope(x_BxTxHxDh, rope):
   return out.astype(x_BxTxHxDh.dtype)
 
 
+@jax.custom_jvp
+def _softmax(x):
+  """Softmax over the last axis; its derivative reads only its output, saved as 'probs'."""
+  return jax.nn.softmax(x, axis=-1)
+
+
+@_softmax.defjvp
+def _softmax_jvp(primals, tangents):
+  (x,), (x_dot,) = primals, tangents
+  y = checkpoint_name(_softmax(x), 'probs')
+  return y, y * (x_dot - jnp.sum(y * x_dot, axis=-1, keepdims=True))
+
+
 def _attend(q_BxHxTxDh, blocks):
   """Grouped-query softmax attention jointly over several blocks of keys; softmax in fp32.
 
@@ -90,14 +112,14 @@ def _attend(q_BxHxTxDh, blocks):
   """
   B, H, T, Dh = q_BxHxTxDh.shape
   K = blocks[0][0].shape[1]
-  q = q_BxHxTxDh.reshape(B, K, H // K * T, Dh)
+  G = H // K
+  q = q_BxHxTxDh.reshape(B, K, G * T, Dh)
   scores = [jnp.where(allowed[:, None, None],
                       jnp.einsum('bkqd,bksd->bkqs', q, k).astype(jnp.float32)
-                      .reshape(B, K, H // K, T, -1) * Dh ** -0.5,
-                      _MASKED)
+                      .reshape(B, K, G, T, -1) * Dh ** -0.5,
+                      _MASKED).reshape(B, K, G * T, -1)
             for k, _, allowed in blocks]
-  probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(q.dtype)
-  probs = probs.reshape(B, K, H // K * T, -1)
+  probs = _softmax(jnp.concatenate(scores, axis=-1)).astype(q.dtype)
   splits = np.cumsum([s.shape[-1] for s in scores])[:-1]
   out = sum(jnp.einsum('bkqs,bksd->bkqd', p, v)
             for p, (_, v, _) in zip(jnp.split(probs, splits, axis=-1), blocks))
@@ -124,17 +146,19 @@ def _qkv(cfg, p, x_NxD, rope, batch):
   if cfg.qk_norm:
     q = _rms_norm(q, p['q_norm'], cfg.norm_eps).astype(dt)
     k = _rms_norm(k, p['k_norm'], cfg.norm_eps).astype(dt)
-  heads_major = lambda x: x.transpose(0, 2, 1, 3)
-  return heads_major(_rope(q, rope)), heads_major(_rope(k, rope)), heads_major(v)
+  heads_major = lambda x, name: checkpoint_name(x.transpose(0, 2, 1, 3), name)
+  return (heads_major(_rope(q, rope), 'q'), heads_major(_rope(k, rope), 'k'),
+          heads_major(v, 'v'))
 
 
 def _finish(cfg, p, x_NxD, attn_NxHDh):
   """Attention output projection, residual, and the SwiGLU MLP block, on [B·T, ...] rows."""
   dt = x_NxD.dtype
-  x = x_NxD + attn_NxHDh @ p['wo'].astype(dt)
+  x = checkpoint_name(x_NxD + attn_NxHDh @ p['wo'].astype(dt), 'x_mid')
   h = _rms_norm(x, p['mlp_norm'], cfg.norm_eps).astype(dt)
-  mlp = jax.nn.silu(h @ p['w_gate'].astype(dt)) * (h @ p['w_up'].astype(dt))
-  return x + mlp @ p['w_down'].astype(dt)
+  gate = checkpoint_name(h @ p['w_gate'].astype(dt), 'gate')
+  up = checkpoint_name(h @ p['w_up'].astype(dt), 'up')
+  return x + (jax.nn.silu(gate) * up) @ p['w_down'].astype(dt)
 
 
 def _layer(cfg, p, x_NxD, rope, allowed_BxTxT, cached=()):
@@ -146,8 +170,8 @@ def _layer(cfg, p, x_NxD, rope, allowed_BxTxT, cached=()):
   """
   B = allowed_BxTxT.shape[0]
   q, k, v = _qkv(cfg, p, x_NxD, rope, B)
-  attn = _attend(q, [*cached, (k, v, allowed_BxTxT)])
-  return _finish(cfg, p, x_NxD, attn.reshape(x_NxD.shape[0], -1)), k, v
+  attn = _attend(q, [*cached, (k, v, allowed_BxTxT)]).reshape(x_NxD.shape[0], -1)
+  return _finish(cfg, p, x_NxD, checkpoint_name(attn, 'attn')), k, v
 
 
 def _positions(mask_BxT):
@@ -248,8 +272,11 @@ class Transformer(nnx.Module):
       x, _, _ = _layer(cfg, p, x, rope, allowed_BxTxT)
       return x, (x if return_layers else None)
 
-    if cfg.remat:
-      body = jax.checkpoint(body)
+    # remat keeps only each layer's input, otherwise a layer keeps what _SAVED_FOR_BACKWARD
+    # names. Only remat needs CSE barriers (to stay rematerialised when unrolled): the policy
+    # recomputes cheap elementwise ops that XLA may as well share with the forward pass.
+    body = jax.checkpoint(body, policy=None if cfg.remat else _SAVED_FOR_BACKWARD,
+                          prevent_cse=cfg.remat)
     x, layers = jax.lax.scan(body, self._embed(tokens_BxT).reshape(B * T, -1),
                              self.layers.arrays(), unroll=cfg.scan_unroll)
     h = _rms_norm(x, self.final_norm[...], cfg.norm_eps).reshape(B, T, -1)
