@@ -5,13 +5,17 @@
 
 For each task (arithmetic with working; the HMM language with a known distribution) a
 teacher is trained on ground truth once, then the same student architecture is trained
-with the same step budget and seeds under five regimes:
+with the same step budget and seeds under six regimes:
   ground truth      cross-entropy on the dataset, no teacher
   supervised KD     forward KL to the teacher on the dataset's completions
+  GKD λ=0           JSD(β=0.5) on the dataset only: separates the divergence from the regime
   GKD λ=0.5         JSD(β=0.5); half the steps on the student's own samples
   GKD λ=1           JSD(β=0.5); every step on the student's own samples
   on-policy RKL     per-token reward −(log q − log p) on the student's samples
-Every finished run leaves WORKDIR/<task>/<regime>/seed<k>/final_metrics.json; a rerun
+On arithmetic the same regimes also continue, for --warm_steps more, from the ground-truth
+student of the same seed (the GKD paper's setting: distillation after supervised training),
+in WORKDIR/arithmetic_warm/. Every finished run leaves
+WORKDIR/<task>/<regime>/seed<k>/final_metrics.json; a rerun
 skips finished runs. The table (mean ± sample standard deviation over seeds) goes to
 WORKDIR/results.md and results.json, with the machine and the command.
 """
@@ -30,11 +34,13 @@ _WORKDIR = flags.DEFINE_string('workdir', 'workdirs/onpolicy_comparison', 'Runs 
 _SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Student seeds.')
 _STEPS = flags.DEFINE_integer('steps', 300, 'Student steps (every regime).')
 _TASKS = flags.DEFINE_list('tasks', ['arithmetic', 'hmm'], 'Tasks.')
+_WARM = flags.DEFINE_integer('warm_steps', 200, 'Arithmetic, warm start: steps of each regime '
+                             'after the ground-truth run of the same seed (0: skip).')
 _DIGITS = flags.DEFINE_integer('num_digits', 2, 'Operand digits of the arithmetic task.')
 _SMALL = flags.DEFINE_bool('small', False, 'Tiny models, few steps (a smoke test).')
 
 STUDENT, TEACHER = 'student-100k', 'teacher-1m'
-REGIMES = ('ground truth', 'supervised KD', 'GKD λ=0.5', 'GKD λ=1', 'on-policy RKL')
+REGIMES = ('ground truth', 'supervised KD', 'GKD λ=0', 'GKD λ=0.5', 'GKD λ=1', 'on-policy RKL')
 METRICS = {
     'arithmetic': ('accuracy', 'ce', 'kl_forward', 'kl_reverse'),
     'hmm': ('truth_kl_forward', 'truth_kl_reverse', 'student_mass_off_support',
@@ -92,14 +98,27 @@ def student_config(regime: str, task: str, seed: int, teacher_dir: str):
   return c
 
 
-def _train(config, run_dir: str) -> dict:
+def _train(config, run_dir: str, start_from: str | None = None) -> dict:
+  """Trains (or reads the finished) run; start_from: a finished run whose params it starts from."""
+  from distill.train import teacher as teacher_lib
   from distill.train import trainer
   path = os.path.join(run_dir, 'final_metrics.json')
   if os.path.exists(path):
     with open(path) as f:
       return json.load(f)
+  build_run = trainer.build_run
+
+  def warm_build_run(config, workdir):
+    run = build_run(config, workdir)
+    _, run.initial_params, _ = teacher_lib.load_exported(start_from, run.mesh)
+    return run
+
   start = time.perf_counter()
-  final = trainer.train(config, run_dir)
+  trainer.build_run = warm_build_run if start_from else build_run
+  try:
+    final = trainer.train(config, run_dir)
+  finally:
+    trainer.build_run = build_run
   final['seconds'] = time.perf_counter() - start
   with open(path, 'w') as f:
     json.dump(final, f, indent=1)
@@ -118,18 +137,17 @@ def _cell(values: list[float], metric: str) -> str:
 
 def tables(results: dict) -> str:
   out = []
-  for task, by_regime in results.items():
-    metrics = METRICS[task]
-    out.append(f'### {task}\n')
+  for section, result in results.items():
+    metrics = METRICS[result['task']]
+    out.append(f'### {section}\n')
     out.append('| regime | ' + ' | '.join(metrics) + ' | seconds/run |')
     out.append('|---|' + '---:|' * (len(metrics) + 1))
-    teacher = by_regime.pop('teacher', None)
-    teacher_preset = by_regime.pop('teacher_preset', TEACHER)
-    for regime, runs in by_regime.items():
+    teacher, teacher_preset = result['teacher'], result['teacher_preset']
+    for regime, runs in result['regimes'].items():
       cells = [_cell([r[m] for r in runs if m in r], m) for m in metrics]
       seconds = statistics.fmean(r.get('seconds', float('nan')) for r in runs)
       out.append(f'| {regime} (n={len(runs)}) | ' + ' | '.join(cells) + f' | {seconds:.0f} |')
-    if teacher:
+    if teacher is not None:
       cells = [_cell([teacher[m]], m) if m in teacher else '—' for m in metrics]
       out.append(f'| teacher ({teacher_preset}) | ' + ' | '.join(cells) + ' | |')
     out.append('')
@@ -140,25 +158,35 @@ def main(argv):
   del argv
   workdir = os.path.abspath(_WORKDIR.value)
   results = {}
-  for task in _TASKS.value:
+  sections = [(task, task, False) for task in _TASKS.value]
+  if 'arithmetic' in _TASKS.value and _WARM.value:
+    sections.append((f'arithmetic, warm start: {_WARM.value} steps of each regime after the '
+                     f'{_STEPS.value} ground-truth steps', 'arithmetic', True))
+  for section, task, warm in sections:
     teacher_dir = os.path.join(workdir, task, 'teacher')
     config = teacher_config(task)
-    results[task] = {'teacher': _train(config, teacher_dir), 'teacher_preset': config.model.preset}
+    result = results[section] = {'task': task, 'teacher': _train(config, teacher_dir),
+                                 'teacher_preset': config.model.preset, 'regimes': {}}
     for regime in REGIMES:
       runs = []
       for seed in map(int, _SEEDS.value):
-        run_dir = os.path.join(workdir, task, regime.replace(' ', '_').replace('λ=', 'lambda'),
-                               f'seed{seed}')
-        print(f'== {task} / {regime} / seed {seed}', flush=True)
-        runs.append(_train(student_config(regime, task, seed, teacher_dir), run_dir))
-      results[task][regime] = runs
+        name = regime.replace(' ', '_').replace('λ=', 'lambda')
+        run_dir = os.path.join(workdir, task + ('_warm' if warm else ''), name, f'seed{seed}')
+        print(f'== {section} / {regime} / seed {seed}', flush=True)
+        config = student_config(regime, task, seed, teacher_dir)
+        start_from = None
+        if warm:
+          start_from = os.path.join(workdir, task, 'ground_truth', f'seed{seed}')
+          config.total_steps = config.checkpoint_steps = _WARM.value
+        runs.append(_train(config, run_dir, start_from))
+      result['regimes'][regime] = runs
   import jax
   machine = (f'{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores visible, '
              f'jax {jax.__version__} ({jax.default_backend()})')
   command = ' '.join([os.path.relpath(sys.executable)] + sys.argv)
   with open(os.path.join(workdir, 'results.json'), 'w') as f:
     json.dump({'machine': machine, 'command': command, 'results': results}, f, indent=1)
-  text = tables(json.loads(json.dumps(results)))
+  text = tables(results)
   with open(os.path.join(workdir, 'results.md'), 'w') as f:
     f.write(f'Machine: {machine}\n\nCommand: `{command}`\n\n{text}\n')
   print(text)
