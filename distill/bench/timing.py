@@ -108,7 +108,8 @@ def time_steps(step: Callable[[Any], Any], carry: Any, steps: int, warmup: int =
 
 def _git_commit() -> str | None:
   try:
-    out = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True,
+    # '-dirty' when tracked files differ from the commit (shared checkouts often do).
+    out = subprocess.run(['git', 'describe', '--always', '--dirty'], capture_output=True,
                          text=True, timeout=10, cwd=os.path.dirname(os.path.abspath(__file__)))
     return out.stdout.strip() or None
   except (OSError, subprocess.SubprocessError):

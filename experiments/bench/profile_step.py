@@ -34,6 +34,7 @@ def main(argv=None):
   parser.add_argument('--chunk_size', type=int, default=512)
   parser.add_argument('--out', default='')
   args = parser.parse_args(argv)
+  env = timing.environment()   # before the run: others may commit meanwhile
   shapes = cases.make_shapes(args.small, 'float32')
   setup = cases.make_setup(shapes, chunk_size=0)
   B, T, P, N = shapes.batch, shapes.seq_len, shapes.prompt_len, shapes.completion_len
@@ -151,7 +152,7 @@ def main(argv=None):
   if args.out:
     with open(args.out, 'a') as f:
       for row in rows:
-        f.write(json.dumps({**row, 'small': args.small, **timing.environment()}) + '\n')
+        f.write(json.dumps({**row, 'small': args.small, **env}) + '\n')
 
 
 if __name__ == '__main__':
