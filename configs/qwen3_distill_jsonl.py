@@ -4,7 +4,7 @@ on-policy GKD (generalised JSD), as on a GPU/TPU host.
 Point the three paths at local folders/files (nothing is downloaded), e.g.
   python -m distill.main --config=configs/qwen3_distill_jsonl.py --workdir=runs/qwen3 \
     --config.teacher.checkpoint=/models/Qwen3-1.7B --config.tokenizer=/models/Qwen3-1.7B \
-    --config.model.hf_checkpoint=/models/Qwen3-0.6B --config.task.kwargs.path=data/chat.jsonl
+    --config.model.init_from=/models/Qwen3-0.6B --config.task.kwargs.path=data/chat.jsonl
 Each JSONL row holds {"messages": [...]}; the final assistant turn is the completion and
 everything before it, rendered with the tokenizer's chat template, is the prompt.
 
@@ -21,7 +21,7 @@ def get_config(arg=None):
   c.role = 'student'
   c.tokenizer = ''                       # the teacher's folder (tokenizer.json + chat template)
   c.teacher.checkpoint = ''
-  c.model.hf_checkpoint = ''             # initialise the student from a smaller Qwen3
+  c.model.init_from = ''             # initialise the student from a smaller Qwen3
   c.task.name = 'jsonl'
   c.task.kwargs.path = ''
   c.task.kwargs.messages_field = 'messages'
@@ -51,7 +51,7 @@ def get_config(arg=None):
     teacher = f'{FIXTURES}/hf/qwen3'
     c.tokenizer = teacher
     c.teacher.checkpoint = teacher
-    c.model.hf_checkpoint = ''
+    c.model.init_from = ''
     c.model.preset = 'tiny'
     c.model.qk_norm = True
     c.model.head_dim = 16

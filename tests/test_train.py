@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 
+from distill.train import teacher as teacher_lib
 from distill.train import trainer
 from tests.helpers import read_metrics, run_cli, small_config
 
@@ -16,7 +17,6 @@ STUDENT = '--config=configs/arithmetic_student.py:small'
 def _params(workdir):
   """Final params of a run as numpy (restored without any sharding)."""
   from distill.parallel import mesh as mesh_lib
-  from distill.train import teacher as teacher_lib
   mesh = mesh_lib.make_mesh({'data': 1})
   _, params, _ = teacher_lib.load_exported(workdir, mesh)
   return jax.tree.leaves(jax.device_get(params))
@@ -128,3 +128,19 @@ def test_incompatible_workdir_is_refused_and_untouched(tmp_path, teacher_dir):
   with pytest.raises(ValueError, match='incompatible run'):
     trainer.train(config, workdir)
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == before
+
+
+def test_student_starts_from_a_finished_run(tmp_path, teacher_dir):
+  """model.init_from: the run starts from another run's final params and architecture."""
+  config = small_config('arithmetic_student', 'small,scratch')
+  config.model.init_from = teacher_dir
+  config.model.preset = 'student-100k'     # the checkpoint's architecture wins
+  run = trainer.build_run(config, str(tmp_path))
+  _, _, teacher_config = teacher_lib.load_exported(teacher_dir, run.mesh)
+  assert run.model_config == teacher_config
+  for a, b in zip(jax.tree.leaves(jax.device_get(run.initial_params)), _params(teacher_dir),
+                  strict=True):
+    np.testing.assert_array_equal(a, b)
+  config.total_steps = config.checkpoint_steps = 2
+  trainer.train(config, str(tmp_path))
+  assert len(_params(str(tmp_path))) == len(_params(teacher_dir))

@@ -45,7 +45,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.preset = 'student-500k'
-  c.model.hf_checkpoint = ''    # start the student from this HF folder (its config.json wins)
+  # Start from these weights instead of a random init: a finished run's workdir (e.g. a
+  # student trained on ground truth, to distil after supervised training) or a Hugging
+  # Face folder. The checkpoint's architecture wins over the preset.
+  c.model.init_from = ''
   # Every ModelConfig field can replace the preset's value (None keeps the preset's),
   # e.g. --config.model.d_ff=512 or --config.model.dtype=bfloat16.
   for field in dataclasses.fields(ModelConfig):
@@ -170,4 +173,4 @@ def make_small(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def model_overrides(config) -> dict:
   """The ModelConfig fields the config sets explicitly (the rest come from the preset)."""
   return {k: v for k, v in config.model.items()
-          if k not in ('preset', 'hf_checkpoint') and v is not None}
+          if k not in ('preset', 'init_from') and v is not None}

@@ -21,7 +21,7 @@ from distill.data import pipeline, tasks
 from distill.data.hf_tokenizer import HFTokenizer
 from distill.data.tokenizer import CharTokenizer
 from distill.eval import evaluate as eval_lib
-from distill.models import ModelConfig, count_params, get_preset, hf
+from distill.models import ModelConfig, count_params, get_preset
 from distill.parallel import mesh as mesh_lib
 from distill.train import checkpoint as ckpt_lib
 from distill.train import config as config_lib
@@ -47,7 +47,7 @@ class Run:
   teacher_graphdef: Any = None
   teacher_params: Any = None
   teacher_config: ModelConfig | None = None
-  initial_params: Any = None    # the student's starting point when loaded from HF
+  initial_params: Any = None    # the student's starting point (model.init_from)
 
   @property
   def seq_len(self) -> int:
@@ -73,8 +73,8 @@ def build_run(config, workdir: str) -> Run:
       config.task[name] = config.task[name] or length
   mesh = mesh_lib.make_mesh(config.mesh)
   initial_params = None
-  if config.model.hf_checkpoint:
-    _, initial_params, model_config = hf.load_hf_params(config.model.hf_checkpoint, mesh)
+  if config.model.init_from:
+    _, initial_params, model_config = teacher_lib.load_exported(config.model.init_from, mesh)
   else:
     overrides = config_lib.model_overrides(config)
     model_config = get_preset(config.model.preset,

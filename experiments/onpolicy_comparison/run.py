@@ -98,27 +98,15 @@ def student_config(regime: str, task: str, seed: int, teacher_dir: str):
   return c
 
 
-def _train(config, run_dir: str, start_from: str | None = None) -> dict:
-  """Trains (or reads the finished) run; start_from: a finished run whose params it starts from."""
-  from distill.train import teacher as teacher_lib
+def _train(config, run_dir: str) -> dict:
+  """Trains (or reads the finished) run."""
   from distill.train import trainer
   path = os.path.join(run_dir, 'final_metrics.json')
   if os.path.exists(path):
     with open(path) as f:
       return json.load(f)
-  build_run = trainer.build_run
-
-  def warm_build_run(config, workdir):
-    run = build_run(config, workdir)
-    _, run.initial_params, _ = teacher_lib.load_exported(start_from, run.mesh)
-    return run
-
   start = time.perf_counter()
-  trainer.build_run = warm_build_run if start_from else build_run
-  try:
-    final = trainer.train(config, run_dir)
-  finally:
-    trainer.build_run = build_run
+  final = trainer.train(config, run_dir)
   final['seconds'] = time.perf_counter() - start
   with open(path, 'w') as f:
     json.dump(final, f, indent=1)
@@ -174,11 +162,10 @@ def main(argv):
         run_dir = os.path.join(workdir, task + ('_warm' if warm else ''), name, f'seed{seed}')
         print(f'== {section} / {regime} / seed {seed}', flush=True)
         config = student_config(regime, task, seed, teacher_dir)
-        start_from = None
         if warm:
-          start_from = os.path.join(workdir, task, 'ground_truth', f'seed{seed}')
+          config.model.init_from = os.path.join(workdir, task, 'ground_truth', f'seed{seed}')
           config.total_steps = config.checkpoint_steps = _WARM.value
-        runs.append(_train(config, run_dir, start_from))
+        runs.append(_train(config, run_dir))
       result['regimes'][regime] = runs
   import jax
   machine = (f'{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores visible, '
