@@ -3,7 +3,8 @@
 Shapes are fixed: the KV cache holds P + max_new_tokens slots and outputs are [B, N] with
 N = max_new_tokens. The loop is a `lax.while_loop` that also ends once every row has emitted
 EOS, so short completions cost only their length; the result does not depend on when it ends
-(step i always samples with `fold_in(rng, i)`).
+(step i always draws with the i-th of `jax.random.split(rng, N)`; all steps' noise is drawn
+before the loop).
 
 Sampling distribution at each step (Hugging Face's order): logits / temperature, then keep the
 top_k largest, then keep the smallest set of most likely tokens whose probability reaches top_p
@@ -83,23 +84,40 @@ def sampling_logits(logits_BxV, cfg: SamplingConfig):
   return x
 
 
-def _categorical(rng, logits_BxV):
+def _blocks(vocab_size: int) -> tuple[int, int]:
+  """(n_blocks, block_size) of the two-level categorical draw: about sqrt(V) each, exactly
+  dividing V when a divisor is near sqrt(V) (padding the logits costs a full pass per step)."""
+  root = math.isqrt(vocab_size)
+  for n_blocks in range(root, max(root // 4, 1) - 1, -1):
+    if vocab_size % n_blocks == 0:
+      return n_blocks, vocab_size // n_blocks
+  n_blocks = math.isqrt(vocab_size - 1) + 1
+  return n_blocks, -(-vocab_size // n_blocks)
+
+
+def gumbel_noise(rng, batch_shape: tuple[int, ...], vocab_size: int):
+  """The Gumbel noise that one draw per row consumes: [*batch_shape, n_blocks + block_size].
+
+  A decode loop draws all of it before the loop: one random-bits call per step costs more on
+  CPU than the rest of the sampling.
+  """
+  return jax.random.gumbel(rng, (*batch_shape, sum(_blocks(vocab_size))))
+
+
+def _categorical(noise_BxG, logits_BxV):
   """Exact categorical sample in two levels: a block of ~sqrt(V) ids, then an id inside it.
 
-  Draws 2*sqrt(V) Gumbel numbers per row instead of V (random bits dominate sampling time on
-  CPU at real vocabularies). Returns (token [B], logsumexp of the logits [B]).
+  Gumbel-max at both levels, so a row needs 2*sqrt(V) noise values instead of V. Returns
+  (token [B], logsumexp of the logits [B]).
   """
   B, V = logits_BxV.shape
-  n_blocks = math.isqrt(V - 1) + 1
-  size = -(-V // n_blocks)
+  n_blocks, size = _blocks(V)
   padded_BxV = jnp.pad(logits_BxV, ((0, 0), (0, n_blocks * size - V)), constant_values=-jnp.inf)
   blocks_BxNxS = padded_BxV.reshape(B, n_blocks, size)
   block_lse_BxN = jax.nn.logsumexp(blocks_BxNxS, axis=-1)
-  # Gumbel-max at both levels, from one draw (each random-bits call is slow to compile on CPU).
-  gumbel_BxG = jax.random.gumbel(rng, (B, n_blocks + size))
-  block_B = jnp.argmax(block_lse_BxN + gumbel_BxG[:, :n_blocks], axis=-1)
+  block_B = jnp.argmax(block_lse_BxN + noise_BxG[:, :n_blocks], axis=-1)
   inner_BxS = jnp.take_along_axis(blocks_BxNxS, block_B[:, None, None], axis=1)[:, 0]
-  inner_B = jnp.argmax(inner_BxS + gumbel_BxG[:, n_blocks:], axis=-1)
+  inner_B = jnp.argmax(inner_BxS + noise_BxG[:, n_blocks:], axis=-1)
   return (block_B * size + inner_B).astype(jnp.int32), jax.nn.logsumexp(block_lse_BxN, axis=-1)
 
 
@@ -109,6 +127,13 @@ def sample_from_logits(rng, logits_BxV, cfg: SamplingConfig):
   Returns (token [B] int32, its log-prob under that sampling distribution [B] (0 for greedy),
   its log-prob under softmax(logits) itself [B]).
   """
+  B, V = logits_BxV.shape
+  noise_BxG = None if cfg.temperature == 0 else gumbel_noise(rng, (B,), V)
+  return sample_with_noise(noise_BxG, logits_BxV, cfg)
+
+
+def sample_with_noise(noise_BxG, logits_BxV, cfg: SamplingConfig):
+  """sample_from_logits with the noise drawn by the caller (`gumbel_noise`; None for greedy)."""
   logits_BxV = logits_BxV.astype(jnp.float32)
   untouched = cfg.temperature == 1 and cfg.top_k == 0 and cfg.top_p == 1
   if cfg.temperature == 0:
@@ -116,7 +141,7 @@ def sample_from_logits(rng, logits_BxV, cfg: SamplingConfig):
     logp_B = jnp.zeros(token_B.shape, jnp.float32)  # greedy is deterministic
   else:
     adjusted_BxV = sampling_logits(logits_BxV, cfg)
-    token_B, lse_B = _categorical(rng, adjusted_BxV)
+    token_B, lse_B = _categorical(noise_BxG, adjusted_BxV)
     logp_B = jnp.take_along_axis(adjusted_BxV, token_B[:, None], axis=-1)[:, 0] - lse_B
   if not untouched:
     lse_B = jax.nn.logsumexp(logits_BxV, axis=-1)
@@ -143,16 +168,23 @@ def generate(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, cfg: SamplingCo
   prompt_mask_BxP = prompt_mask_BxP.astype(jnp.int32)
   # Each step feeds its token back, the last one included, hence P + N slots.
   cache = model.init_cache(B, P + N)
-  logits_BxV, cache = model.prefill(prompt_BxP, prompt_mask_BxP, cache, last_only=True)
+  layers = model.layer_params()
+  logits_BxV, cache = model.prefill(prompt_BxP, prompt_mask_BxP, cache, last_only=True,
+                                    layers=layers)
 
   def write(out_BxN, i, value_B):
     return jax.lax.dynamic_update_slice_in_dim(out_BxN, value_B[:, None].astype(out_BxN.dtype),
                                                i, axis=1)
 
+  # Step i draws with step_keys[i] (as sample_from_logits would), all before the loop.
+  step_keys = jax.random.split(rng, N)
+  noise_NxBxG = None if cfg.temperature == 0 else jax.vmap(
+      lambda key: gumbel_noise(key, (B,), logits_BxV.shape[-1]))(step_keys)
+
   def body(state):
     i, logits_BxV, cache, done_B, out = state
-    token_B, logp_B, model_logp_B = sample_from_logits(jax.random.fold_in(rng, i), logits_BxV,
-                                                       cfg)
+    noise_BxG = None if noise_NxBxG is None else noise_NxBxG[i]
+    token_B, logp_B, model_logp_B = sample_with_noise(noise_BxG, logits_BxV, cfg)
     live_B = ~done_B
     token_B = jnp.where(live_B, token_B, cfg.pad_id)
     out = {
@@ -164,7 +196,7 @@ def generate(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, cfg: SamplingCo
     }
     if cfg.eos_id is not None:
       done_B = done_B | (token_B == cfg.eos_id)
-    logits_BxV, cache = model.decode_step(token_B[:, None], cache)
+    logits_BxV, cache = model.decode_step(token_B[:, None], cache, layers=layers)
     return i + 1, logits_BxV, cache, done_B, out
 
   def cond(state):

@@ -204,7 +204,8 @@ def test_bf16_compute_close_to_fp32():
   ref = jitted(make_model())(tokens, mask)
   model = make_model(dtype='bfloat16')
   cache = model.init_cache(B, T)
-  assert cache['k'].dtype == jnp.bfloat16 and cache['k'].shape == (2, B, 2, T, 8)
+  assert len(cache['k']) == len(cache['v']) == 2     # one buffer per layer
+  assert all(k.dtype == jnp.bfloat16 and k.shape == (B, 2, T, 8) for k in cache['k'])
   logits, _ = jitted(model, 'prefill')(tokens, mask, cache)
   assert logits.dtype == jnp.float32
   # Random O(1) weights amplify rounding; a wrong cast or dropped term would be O(100%) off.

@@ -110,7 +110,7 @@ def joint_generate(student_graphdef, student_params, teacher_graphdef, teacher_p
   log-probability under the rule's own sampling distribution, flag any per-token number the
   rule reports (e.g. 1 where the teacher replaced the student's token). Both models then
   consume the chosen token. Shapes and stopping follow `sampling.generate`: [B, N] outputs,
-  a row stops after EOS (pad_id afterwards, mask 0), step i uses fold_in(rng, i).
+  a row stops after EOS (pad_id afterwards, mask 0), step i uses split(rng, N)[i].
   Returns tokens_BxN, mask_BxN, logprobs_BxN, flags_BxN (0 where mask is 0).
   """
   student = nnx.merge(student_graphdef, jax.lax.stop_gradient(student_params))
@@ -118,10 +118,13 @@ def joint_generate(student_graphdef, student_params, teacher_graphdef, teacher_p
   B, P = prompt_BxP.shape
   N = cfg.max_new_tokens
   prompt_mask_BxP = prompt_mask_BxP.astype(jnp.int32)
+  step_keys = jax.random.split(rng, N)
   caches, logits = [], []
-  for model in (student, teacher):
+  s_layers, t_layers = student.layer_params(), teacher.layer_params()   # once, outside the loop
+  for model, layers in ((student, s_layers), (teacher, t_layers)):
     cache = model.init_cache(B, P + N)
-    last_BxV, cache = model.prefill(prompt_BxP, prompt_mask_BxP, cache, last_only=True)
+    last_BxV, cache = model.prefill(prompt_BxP, prompt_mask_BxP, cache, last_only=True,
+                                    layers=layers)
     caches.append(cache)
     logits.append(last_BxV)
 
@@ -131,7 +134,7 @@ def joint_generate(student_graphdef, student_params, teacher_graphdef, teacher_p
 
   def body(carry):
     i, (s_logits, t_logits), (s_cache, t_cache), done_B, out = carry
-    token_B, logp_B, flag_B = choose(jax.random.fold_in(rng, i), s_logits.astype(jnp.float32),
+    token_B, logp_B, flag_B = choose(step_keys[i], s_logits.astype(jnp.float32),
                                      t_logits.astype(jnp.float32))
     live_B = ~done_B
     token_B = jnp.where(live_B, token_B, cfg.pad_id).astype(jnp.int32)
@@ -141,8 +144,8 @@ def joint_generate(student_graphdef, student_params, teacher_graphdef, teacher_p
            'flags_BxN': write(out['flags_BxN'], i, jnp.where(live_B, flag_B, 0.0))}
     if cfg.eos_id is not None:
       done_B = done_B | (token_B == cfg.eos_id)
-    s_logits, s_cache = student.decode_step(token_B[:, None], s_cache)
-    t_logits, t_cache = teacher.decode_step(token_B[:, None], t_cache)
+    s_logits, s_cache = student.decode_step(token_B[:, None], s_cache, layers=s_layers)
+    t_logits, t_cache = teacher.decode_step(token_B[:, None], t_cache, layers=t_layers)
     return i + 1, (s_logits, t_logits), (s_cache, t_cache), done_B, out
 
   def cond(carry):

@@ -26,8 +26,9 @@ so e.g. `wq[l] == q_proj.weight.T`):
   final_norm  [D]                 ('embed',)
   unembed     [D, V]              ('embed', 'vocab')           only when not tied
 
-KV cache (a plain dict, passed in and returned): 'k', 'v' [L, B, Hkv, S, Dh] (heads-major, so
-decode attention reads each layer's cache without a transpose; logical axes in CACHE_AXES);
+KV cache (a plain dict, passed in and returned): 'k', 'v' tuples of L arrays [B, Hkv, S, Dh]
+(one buffer per layer, heads-major: a decode step writes its token into each layer's buffer in
+place and attends over it without slicing or transposing anything; logical axes in CACHE_AXES);
 'key_mask' [B, S] int32 (1 = slot holds a real token); 'index' int32 scalar, the next slot to
 write (shared by all rows); 'pos' [B] int32, each row's next position id.
 """
@@ -46,8 +47,8 @@ from distill.models.config import ModelConfig
 _MASKED = -1e30
 
 CACHE_AXES = {
-    'k': ('layers', 'batch', 'kv_heads', 'cache_seq', 'head_dim'),
-    'v': ('layers', 'batch', 'kv_heads', 'cache_seq', 'head_dim'),
+    'k': ('batch', 'kv_heads', 'cache_seq', 'head_dim'),    # of each layer's buffer
+    'v': ('batch', 'kv_heads', 'cache_seq', 'head_dim'),
     'key_mask': ('batch', 'cache_seq'),
     'index': (),
     'pos': ('batch',),
@@ -99,30 +100,23 @@ def _softmax_jvp(primals, tangents):
   return y, y * (x_dot - jnp.sum(y * x_dot, axis=-1, keepdims=True))
 
 
-def _attend(q_BxHxTxDh, blocks):
-  """Grouped-query softmax attention jointly over several blocks of keys; softmax in fp32.
+def _attend(q_BxHxTxDh, k_BxKxSxDh, v_BxKxSxDh, allowed_BxTxS):
+  """Grouped-query softmax attention (scores and softmax in fp32); returns [B, T, H·Dh].
 
-  blocks: sequence of (k [B,Hkv,S,Dh], v [B,Hkv,S,Dh], allowed [B,T,S]). Keeping the cached keys
-  and the new keys as separate blocks means the cache is only read, never copied, per layer.
   All operands are heads-major and each kv head's query group is folded into the row axis, so
   both products are plain batched matmuls [G·T, Dh] x [Dh, S] (and their gradients too);
   token-major einsums made XLA:CPU add transposing copies in the backward pass.
-  The two matmuls run in the compute dtype (as in HF; XLA:CPU has no bf16 x bf16 -> fp32 dot).
-  Returns [B, T, H·Dh].
+  The two matmuls run in the compute dtype, as in HF.
   """
   B, H, T, Dh = q_BxHxTxDh.shape
-  K = blocks[0][0].shape[1]
+  K = k_BxKxSxDh.shape[1]
   G = H // K
   q = q_BxHxTxDh.reshape(B, K, G * T, Dh)
-  scores = [jnp.where(allowed[:, None, None],
-                      jnp.einsum('bkqd,bksd->bkqs', q, k).astype(jnp.float32)
-                      .reshape(B, K, G, T, -1) * Dh ** -0.5,
-                      _MASKED).reshape(B, K, G * T, -1)
-            for k, _, allowed in blocks]
-  probs = _softmax(jnp.concatenate(scores, axis=-1)).astype(q.dtype)
-  splits = np.cumsum([s.shape[-1] for s in scores])[:-1]
-  out = sum(jnp.einsum('bkqs,bksd->bkqd', p, v)
-            for p, (_, v, _) in zip(jnp.split(probs, splits, axis=-1), blocks))
+  scores = jnp.einsum('bkqd,bksd->bkqs', q, k_BxKxSxDh).astype(jnp.float32)
+  scores = jnp.where(allowed_BxTxS[:, None, None], scores.reshape(B, K, G, T, -1) * Dh ** -0.5,
+                     _MASKED).reshape(B, K, G * T, -1)
+  probs = _softmax(scores).astype(q.dtype)
+  out = jnp.einsum('bkqs,bksd->bkqd', probs, v_BxKxSxDh)
   return out.reshape(B, H, T, Dh).transpose(0, 2, 1, 3).reshape(B, T, H * Dh)
 
 
@@ -161,16 +155,22 @@ def _finish(cfg, p, x_NxD, attn_NxHDh):
   return x + (jax.nn.silu(gate) * up) @ p['w_down'].astype(dt)
 
 
-def _layer(cfg, p, x_NxD, rope, allowed_BxTxT, cached=()):
-  """One transformer layer over the B·T new tokens x [B·T, D]; returns (x, k, v) with this
-  layer's new k, v.
+def _layer(cfg, p, x_NxD, rope, allowed_BxTxS, cache=None):
+  """One transformer layer over the B·T new tokens x [B·T, D]; returns (x, k, v).
 
   rope: the (cos, sin) tables of the new tokens' positions, shared by all layers.
-  cached: optionally one (k_cache, v_cache, allowed [B,T,S]) block of earlier keys to attend to.
+  Without a cache the tokens attend to each other (allowed [B, T, T]) and k, v are their keys
+  and values. With cache = (k_cache, v_cache, index) of this layer, the new keys and values are
+  first written into the buffers at slot `index`, attention runs over all S slots (allowed
+  [B, T, S]), and k, v are the updated buffers.
   """
-  B = allowed_BxTxT.shape[0]
+  B, dt = allowed_BxTxS.shape[0], x_NxD.dtype
   q, k, v = _qkv(cfg, p, x_NxD, rope, B)
-  attn = _attend(q, [*cached, (k, v, allowed_BxTxT)]).reshape(x_NxD.shape[0], -1)
+  if cache is not None:
+    k_cache, v_cache, index = cache
+    k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, index, 0))
+    v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, index, 0))
+  attn = _attend(q, k.astype(dt), v.astype(dt), allowed_BxTxS).reshape(x_NxD.shape[0], -1)
   return _finish(cfg, p, x_NxD, checkpoint_name(attn, 'attn')), k, v
 
 
@@ -292,28 +292,36 @@ class Transformer(nnx.Module):
                        f'{batch_size}, {max_len}')
     if max_len > cfg.max_seq_len:
       raise ValueError(f'init_cache max_len={max_len} exceeds config.max_seq_len={cfg.max_seq_len}')
-    shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.resolved_head_dim)
+    shape = (batch_size, cfg.n_kv_heads, max_len, cfg.resolved_head_dim)
     dtype = dtype or cfg.dtype
     return {
-        'k': jnp.zeros(shape, dtype),
-        'v': jnp.zeros(shape, dtype),
+        'k': tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
+        'v': tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
         'key_mask': jnp.zeros((batch_size, max_len), jnp.int32),
         'index': jnp.zeros((), jnp.int32),
         'pos': jnp.zeros((batch_size,), jnp.int32),
     }
 
-  def prefill(self, tokens_BxP, input_mask_BxP, cache, *, last_only=False):
+  def layer_params(self) -> tuple[dict, ...]:
+    """Each layer's weights as separate arrays. A decode loop should take them once, outside
+    the loop, and pass them to prefill/decode_step: slicing the stacked weights inside the loop
+    body copies every weight at every step (XLA:CPU does not hoist the slices)."""
+    stacked = self.layers.arrays()
+    return tuple({name: w[i] for name, w in stacked.items()} for i in range(self.config.n_layers))
+
+  def prefill(self, tokens_BxP, input_mask_BxP, cache, *, last_only=False, layers=None):
     """Appends P tokens (left-padded prompts allowed) to the cache; returns (logits, cache).
 
     logits are [B, P, V], or with last_only the last column's [B, V] (all a sampler needs; the
     other P-1 columns are never projected onto the vocabulary). Writes slots [index, index + P);
     the caller must keep index + P <= cache size (a traced index cannot be checked here).
+    layers: `layer_params()`, when taken outside a decode loop (default: sliced here).
     """
     tokens_BxP = self._check_tokens(tokens_BxP)
     B, P = tokens_BxP.shape
-    S = cache['k'].shape[3]
-    if cache['k'].shape[1] != B:
-      raise ValueError(f'cache has batch {cache["k"].shape[1]} but tokens have batch {B}')
+    B_cache, _, S, _ = cache['k'][0].shape
+    if B_cache != B:
+      raise ValueError(f'cache has batch {B_cache} but tokens have batch {B}')
     if P > S:
       raise ValueError(f'{P} tokens do not fit a cache of {S} slots')
     mask_BxP = jnp.ones((B, P), jnp.int32) if input_mask_BxP is None else input_mask_BxP
@@ -322,43 +330,39 @@ class Transformer(nnx.Module):
     cfg = self.config
     rope = _rope_tables(cache['pos'][:, None] + _positions(mask_BxP), cfg.resolved_head_dim,
                         cfg.rope_theta)
-    # Earlier tokens: every real slot of the cache (slots >= index are never written, so their
-    # key_mask is 0). New tokens: causal among themselves, padding excluded. The barrier stops
-    # XLA from constant-folding the attention over a fresh (all-masked) cache, which took seconds.
-    key_mask_BxS = jax.lax.optimization_barrier(cache['key_mask'])
-    allowed_old_BxPxS = jnp.broadcast_to(key_mask_BxS[:, None, :] > 0, (B, P, S))
-    allowed_new_BxPxP = jnp.tril(jnp.ones((P, P), bool))[None] & (mask_BxP[:, None, :] > 0)
+    # The new token at slot index + t sees every real slot up to its own (slots never written
+    # have key_mask 0).
+    key_mask_BxS = jax.lax.dynamic_update_slice(cache['key_mask'], mask_BxP, (0, index))
+    visible_PxS = jnp.arange(S)[None, :] <= index + jnp.arange(P)[:, None]
+    allowed_BxPxS = visible_PxS[None] & (key_mask_BxS[:, None, :] > 0)
 
-    def body(x, xs):
-      p, k_cache, v_cache = xs
-      cached = ((k_cache.astype(x.dtype), v_cache.astype(x.dtype), allowed_old_BxPxS),)
-      x, k, v = _layer(cfg, p, x, rope, allowed_new_BxPxP, cached)
-      return x, (k.astype(k_cache.dtype), v.astype(v_cache.dtype))
-
-    # The cache is only read inside the layer scan and written once after it: on CPU, writing
-    # it inside the scan made XLA copy the whole cache for every layer.
-    x, (k_LxBxKxPxDh, v_LxBxKxPxDh) = jax.lax.scan(
-        body, self._embed(tokens_BxP).reshape(B * P, -1),
-        (self.layers.arrays(), cache['k'], cache['v']), unroll=cfg.scan_unroll)
-    x = x.reshape(B, P, -1)
-    start = (0, 0, 0, index, 0)
+    # A Python loop, not a scan, over layers: each layer reads and updates its own cache buffer
+    # in place. A scan sliced the stacked weights and cache, and re-stacked the cache, at every
+    # decode step.
+    x = self._embed(tokens_BxP).reshape(B * P, -1)
+    k_caches, v_caches = [], []
+    for i, p in enumerate(layers or self.layer_params()):
+      x, k, v = _layer(cfg, p, x, rope, allowed_BxPxS, (cache['k'][i], cache['v'][i], index))
+      k_caches.append(k)
+      v_caches.append(v)
     new_cache = {
-        'k': jax.lax.dynamic_update_slice(cache['k'], k_LxBxKxPxDh, start),
-        'v': jax.lax.dynamic_update_slice(cache['v'], v_LxBxKxPxDh, start),
-        'key_mask': jax.lax.dynamic_update_slice(cache['key_mask'], mask_BxP, (0, index)),
+        'k': tuple(k_caches),
+        'v': tuple(v_caches),
+        'key_mask': key_mask_BxS,
         'index': index + P,
         'pos': cache['pos'] + mask_BxP.sum(axis=1),
     }
+    x = x.reshape(B, P, -1)
     if last_only:
       x = x[:, -1]
     return self.logits(_rms_norm(x, self.final_norm[...], cfg.norm_eps)), new_cache
 
-  def decode_step(self, tokens_Bx1, cache):
-    """Appends one real token per row; returns (logits [B, V], cache)."""
+  def decode_step(self, tokens_Bx1, cache, *, layers=None):
+    """Appends one real token per row; returns (logits [B, V], cache). layers: as in prefill."""
     tokens_Bx1 = self._check_tokens(tokens_Bx1)
     if tokens_Bx1.shape[1] != 1:
       raise ValueError(f'decode_step takes tokens of shape [B, 1], got {tokens_Bx1.shape}')
-    return self.prefill(tokens_Bx1, None, cache, last_only=True)
+    return self.prefill(tokens_Bx1, None, cache, last_only=True, layers=layers)
 
   # ---- helpers -----------------------------------------------------------------------------
 
