@@ -5,13 +5,15 @@
 
 For each task (arithmetic with working; the HMM language with a known distribution) a
 teacher is trained on ground truth once, then the same student architecture is trained
-with the same step budget and seeds under six regimes:
+with the same step budget and seeds under seven regimes:
   ground truth      cross-entropy on the dataset, no teacher
   supervised KD     forward KL to the teacher on the dataset's completions
   GKD λ=0           JSD(β=0.5) on the dataset only: separates the divergence from the regime
   GKD λ=0.5         JSD(β=0.5); half the steps on the student's own samples
   GKD λ=1           JSD(β=0.5); every step on the student's own samples
   on-policy RKL     per-token reward −(log q − log p) on the student's samples
+  on-policy RKL lr/10  the same at a tenth of the learning rate: a single-sample
+                    policy gradient is noisy, and Adam scales noise up to full-size steps
 On arithmetic the same regimes also continue, for --warm_steps more, from the ground-truth
 student of the same seed (the GKD paper's setting: distillation after supervised training),
 in WORKDIR/arithmetic_warm/. Every finished run leaves
@@ -40,7 +42,8 @@ _DIGITS = flags.DEFINE_integer('num_digits', 2, 'Operand digits of the arithmeti
 _SMALL = flags.DEFINE_bool('small', False, 'Tiny models, few steps (a smoke test).')
 
 STUDENT, TEACHER = 'student-100k', 'teacher-1m'
-REGIMES = ('ground truth', 'supervised KD', 'GKD λ=0', 'GKD λ=0.5', 'GKD λ=1', 'on-policy RKL')
+REGIMES = ('ground truth', 'supervised KD', 'GKD λ=0', 'GKD λ=0.5', 'GKD λ=1', 'on-policy RKL',
+           'on-policy RKL lr/10')
 METRICS = {
     'arithmetic': ('accuracy', 'ce', 'kl_forward', 'kl_reverse'),
     'hmm': ('truth_kl_forward', 'truth_kl_reverse', 'student_mass_off_support',
@@ -87,6 +90,8 @@ def student_config(regime: str, task: str, seed: int, teacher_dir: str):
     c.algorithm.kwargs.lmbda = float(regime.split('=')[1])
   else:
     c = arithmetic_onpolicy_rkl.get_config(small.lstrip(','))
+    if regime.endswith('lr/10'):
+      c.optimizer.learning_rate /= 10
   c = _common(c, task, seed)
   if not _SMALL.value:
     c.model.preset = STUDENT
@@ -158,7 +163,7 @@ def main(argv):
     for regime in REGIMES:
       runs = []
       for seed in map(int, _SEEDS.value):
-        name = regime.replace(' ', '_').replace('λ=', 'lambda')
+        name = regime.replace(' ', '_').replace('λ=', 'lambda').replace('/', '_div')
         run_dir = os.path.join(workdir, task + ('_warm' if warm else ''), name, f'seed{seed}')
         print(f'== {section} / {regime} / seed {seed}', flush=True)
         config = student_config(regime, task, seed, teacher_dir)
