@@ -1,7 +1,7 @@
 """`python -m distill.bench` (`make bench`): every case of BENCHMARK.md, one JSON line each.
 
     python -m distill.bench [--cases=offpolicy_step,onpolicy_step,generate,loss_memory]
-        [--steps=5] [--warmup=1] [--small] [--dtype=float32|bfloat16] [--chunk_size=0]
+        [--steps=5] [--warmup=1] [--small] [--dtype=float32|bfloat16] [--chunk_size=512]
         [--memory_chunk_size=0] [--out=FILE]
 
 Lines go to stdout (and are appended to --out); a readable summary goes to stderr.
@@ -30,6 +30,7 @@ import time
 
 from distill.bench import cases, flops, timing
 from distill.models.config import DTYPES
+from distill.train.config import base_config
 
 CASES = ('offpolicy_step', 'onpolicy_step', 'generate', 'loss_memory')
 
@@ -43,8 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--warmup', type=int, default=1, help='untimed calls after compiling')
   parser.add_argument('--small', action='store_true', help='tiny shapes (for the harness test)')
   parser.add_argument('--dtype', default='float32', help=f'compute dtype, one of {DTYPES}')
-  parser.add_argument('--chunk_size', type=int, default=0,
-                      help='loss chunk of the step cases; 0 = plain (unchunked) loss')
+  parser.add_argument('--chunk_size', type=int, default=base_config().loss.chunk_size,
+                      help='loss chunk of the step cases (default: the config default); '
+                      '0 = plain (unchunked) loss')
   parser.add_argument('--memory_chunk_size', type=int, default=0,
                       help='chunk of the chunked form in loss_memory; 0 = 256 (16 with --small)')
   parser.add_argument('--out', default='', help='also append the JSON lines to this file')
