@@ -6,7 +6,6 @@ XLA's backend optimisation off: compile time dominates these tiny runs) and each
 checks its own run.
 """
 import concurrent.futures
-import functools
 import math
 import os
 

@@ -3,7 +3,6 @@ NumPy references of the published formulas."""
 import numpy as np
 import pytest
 import jax
-import jax.numpy as jnp
 
 import distill.losses as L
 

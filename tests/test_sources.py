@@ -4,7 +4,6 @@ import json
 import os
 import pickle
 
-import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from tokenizers import Tokenizer

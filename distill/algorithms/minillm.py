@@ -30,7 +30,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from distill import losses, sampling
+from distill import sampling
 from distill.algorithms import rollout
 from distill.train import step as step_lib
 
@@ -64,19 +64,13 @@ class MiniLLM(rollout.SamplingAlgorithm):
     return token_B, logp_B, jnp.zeros(token_B.shape, jnp.float32)
 
   def step(self, ctx: step_lib.StepContext, state, teacher_params, batch):
-    prompt_BxP, prompt_mask_BxP = rollout.prompts(batch, self.sampling.max_new_tokens)
-    sample = rollout.joint_generate(ctx.student_graphdef, state['params'], ctx.teacher_graphdef,
-                                    teacher_params, prompt_BxP, prompt_mask_BxP,
-                                    step_lib.step_rng(state), self.sampling, self._choose)
-    rows = sampling.training_batch(prompt_BxP, prompt_mask_BxP, sample, self.sampling.pad_id)
-    T = rows['tokens'].shape[1]
-    log_mix_BxT = rollout.at_loss_columns(sample['logprobs_BxN'], T)
-    teacher_h, teacher_w = jax.tree.map(jax.lax.stop_gradient, step_lib.model_outputs(
-        ctx.teacher_graphdef, teacher_params, rows))
-    log_p_BxT = rollout.target_logprobs(teacher_h, teacher_w, rows['targets'], ctx.chunk_size)
-    mask_BxT = rows['loss_mask']
-    weights_BxT, normaliser = losses.token_weights(mask_BxT, ctx.reduction)
-    norm = jnp.maximum(normaliser, 1e-9)
+    rows, sample = rollout.joint_sample_rows(
+        ctx.student_graphdef, state['params'], ctx.teacher_graphdef, teacher_params, batch,
+        step_lib.step_rng(state), self.sampling, self._choose)
+    scored = rollout.score_samples(ctx, teacher_params, rows, sample)
+    log_mix_BxT, log_p_BxT, mask_BxT = scored.log_sample_BxT, scored.log_p_BxT, scored.mask_BxT
+    teacher_h, teacher_w = scored.teacher_h, scored.teacher_w
+    weights_BxT, normaliser, norm = scored.weights_BxT, scored.normaliser, scored.norm
 
     def loss_fn(params):
       student_h, student_w = step_lib.model_outputs(ctx.student_graphdef, params, rows)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from distill import losses
 from distill.algorithms import rollout
 from distill.train import step as step_lib
 
@@ -37,13 +36,10 @@ class OnPolicyReverseKL(rollout.SamplingAlgorithm):
   def step(self, ctx: step_lib.StepContext, state, teacher_params, batch):
     rows, sample = rollout.sample_rows(ctx.student_graphdef, state['params'], batch,
                                        step_lib.step_rng(state), self.sampling)
-    T = rows['tokens'].shape[1]
-    log_sample_BxT = rollout.at_loss_columns(sample['logprobs_BxN'], T)
-    teacher_h, teacher_w = step_lib.model_outputs(ctx.teacher_graphdef, teacher_params, rows)
-    log_p_BxT = rollout.target_logprobs(teacher_h, teacher_w, rows['targets'], ctx.chunk_size)
-    mask_BxT = rows['loss_mask']
-    weights_BxT, normaliser = losses.token_weights(mask_BxT, ctx.reduction)
-    norm = jnp.maximum(normaliser, 1e-9)
+    scored = rollout.score_samples(ctx, teacher_params, rows, sample)
+    log_sample_BxT, log_p_BxT, mask_BxT = (scored.log_sample_BxT, scored.log_p_BxT,
+                                           scored.mask_BxT)
+    weights_BxT, normaliser, norm = scored.weights_BxT, scored.normaliser, scored.norm
 
     def loss_fn(params):
       student_h, student_w = step_lib.model_outputs(ctx.student_graphdef, params, rows)

@@ -12,6 +12,8 @@ Helpers:
   sample_rows            prompts of a batch completed by one model -> (rows, sample)
   joint_generate         decode loop running student and teacher KV caches together, for
                          rules that need both models per token (teacher-mixed, SKD)
+  joint_sample_rows      prompts of a batch completed by joint_generate -> (rows, sample)
+  score_samples          the teacher's log-probs of sampled rows, with the loss weights
   at_loss_columns        per-generated-token values [B, N] -> the rows' loss columns [B, T]
   target_logprobs        log q(target) per position, value only, a chunk of logits at a time
   weighted_loss          Σ weights·token_fn, plain or chunked as the config says
@@ -20,6 +22,7 @@ Helpers:
 from __future__ import annotations
 
 import numbers
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +30,7 @@ from flax import nnx
 
 from distill import losses, sampling
 from distill.algorithms.base import Algorithm
+from distill.train import step as step_lib
 
 SAMPLING_DEFAULTS = {'temperature': 1.0, 'top_k': 0, 'top_p': 1.0}
 
@@ -88,6 +92,43 @@ def sample_rows(graphdef, params, batch: dict, rng, cfg: sampling.SamplingConfig
   sample = sampling.generate(graphdef, jax.lax.stop_gradient(params), prompt_BxP,
                              prompt_mask_BxP, rng, cfg)
   return sampling.training_batch(prompt_BxP, prompt_mask_BxP, sample, cfg.pad_id), sample
+
+
+def joint_sample_rows(student_graphdef, student_params, teacher_graphdef, teacher_params,
+                      batch: dict, rng, cfg: sampling.SamplingConfig, choose):
+  """The batch's prompts completed by joint_generate with `choose`: (rows, sample)."""
+  prompt_BxP, prompt_mask_BxP = prompts(batch, cfg.max_new_tokens)
+  sample = joint_generate(student_graphdef, student_params, teacher_graphdef, teacher_params,
+                          prompt_BxP, prompt_mask_BxP, rng, cfg, choose)
+  return sampling.training_batch(prompt_BxP, prompt_mask_BxP, sample, cfg.pad_id), sample
+
+
+class Scored(NamedTuple):
+  """Sampled rows scored by the teacher (all [B, T] at the rows' loss columns, no gradient)."""
+  log_sample_BxT: jax.Array   # log-prob of each token under the distribution that drew it
+  log_p_BxT: jax.Array        # the teacher's log-prob of each sampled token
+  teacher_h: jax.Array        # the teacher's final hidden states and output projection
+  teacher_w: jax.Array
+  mask_BxT: jax.Array         # the rows' loss mask
+  weights_BxT: jax.Array      # losses.token_weights of the mask, and its normaliser
+  normaliser: jax.Array
+
+  @property
+  def norm(self):
+    """The normaliser, kept away from 0 for division."""
+    return jnp.maximum(self.normaliser, 1e-9)
+
+
+def score_samples(ctx, teacher_params, rows: dict, sample: dict) -> Scored:
+  """What the policy-gradient algorithms need of the teacher and the sample, once per step."""
+  teacher_h, teacher_w = jax.tree.map(jax.lax.stop_gradient, step_lib.model_outputs(
+      ctx.teacher_graphdef, teacher_params, rows))
+  weights_BxT, normaliser = losses.token_weights(rows['loss_mask'], ctx.reduction)
+  return Scored(
+      log_sample_BxT=at_loss_columns(sample['logprobs_BxN'], rows['tokens'].shape[1]),
+      log_p_BxT=target_logprobs(teacher_h, teacher_w, rows['targets'], ctx.chunk_size),
+      teacher_h=teacher_h, teacher_w=teacher_w, mask_BxT=rows['loss_mask'],
+      weights_BxT=weights_BxT, normaliser=normaliser)
 
 
 def at_loss_columns(values_BxN, seq_len: int):

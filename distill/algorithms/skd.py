@@ -46,11 +46,9 @@ class SKD(rollout.SamplingAlgorithm):
             (~accepted_B).astype(jnp.float32))
 
   def step(self, ctx: step_lib.StepContext, state, teacher_params, batch):
-    prompt_BxP, prompt_mask_BxP = rollout.prompts(batch, self.sampling.max_new_tokens)
-    sample = rollout.joint_generate(ctx.student_graphdef, state['params'], ctx.teacher_graphdef,
-                                    teacher_params, prompt_BxP, prompt_mask_BxP,
-                                    step_lib.step_rng(state), self.sampling, self._choose)
-    rows = sampling.training_batch(prompt_BxP, prompt_mask_BxP, sample, self.sampling.pad_id)
+    rows, sample = rollout.joint_sample_rows(
+        ctx.student_graphdef, state['params'], ctx.teacher_graphdef, teacher_params, batch,
+        step_lib.step_rng(state), self.sampling, self._choose)
     state, metrics = step_lib.train_step(ctx, state, teacher_params, rows)
     n = sample['mask_BxN'].sum().astype(jnp.float32)
     metrics['replaced'] = (sample['flags_BxN'].sum(), n)
