@@ -168,9 +168,9 @@ def generate(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, cfg: SamplingCo
   prompt_mask_BxP = prompt_mask_BxP.astype(jnp.int32)
   # Each step feeds its token back, the last one included, hence P + N slots.
   cache = model.init_cache(B, P + N)
-  layers = model.layer_params()
+  weights = model.decoding_weights()   # once, outside the loop
   logits_BxV, cache = model.prefill(prompt_BxP, prompt_mask_BxP, cache, last_only=True,
-                                    layers=layers)
+                                    weights=weights)
 
   def write(out_BxN, i, value_B):
     return jax.lax.dynamic_update_slice_in_dim(out_BxN, value_B[:, None].astype(out_BxN.dtype),
@@ -196,7 +196,7 @@ def generate(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, cfg: SamplingCo
     }
     if cfg.eos_id is not None:
       done_B = done_B | (token_B == cfg.eos_id)
-    logits_BxV, cache = model.decode_step(token_B[:, None], cache, layers=layers)
+    logits_BxV, cache = model.decode_step(token_B[:, None], cache, weights=weights)
     return i + 1, logits_BxV, cache, done_B, out
 
   def cond(state):

@@ -161,11 +161,12 @@ def joint_generate(student_graphdef, student_params, teacher_graphdef, teacher_p
   prompt_mask_BxP = prompt_mask_BxP.astype(jnp.int32)
   step_keys = jax.random.split(rng, N)
   caches, logits = [], []
-  s_layers, t_layers = student.layer_params(), teacher.layer_params()   # once, outside the loop
-  for model, layers in ((student, s_layers), (teacher, t_layers)):
+  # Once, outside the loop.
+  s_weights, t_weights = student.decoding_weights(), teacher.decoding_weights()
+  for model, weights in ((student, s_weights), (teacher, t_weights)):
     cache = model.init_cache(B, P + N)
     last_BxV, cache = model.prefill(prompt_BxP, prompt_mask_BxP, cache, last_only=True,
-                                    layers=layers)
+                                    weights=weights)
     caches.append(cache)
     logits.append(last_BxV)
 
@@ -185,8 +186,8 @@ def joint_generate(student_graphdef, student_params, teacher_graphdef, teacher_p
            'flags_BxN': write(out['flags_BxN'], i, jnp.where(live_B, flag_B, 0.0))}
     if cfg.eos_id is not None:
       done_B = done_B | (token_B == cfg.eos_id)
-    s_logits, s_cache = student.decode_step(token_B[:, None], s_cache, layers=s_layers)
-    t_logits, t_cache = teacher.decode_step(token_B[:, None], t_cache, layers=t_layers)
+    s_logits, s_cache = student.decode_step(token_B[:, None], s_cache, weights=s_weights)
+    t_logits, t_cache = teacher.decode_step(token_B[:, None], t_cache, weights=t_weights)
     return i + 1, (s_logits, t_logits), (s_cache, t_cache), done_B, out
 
   def cond(carry):

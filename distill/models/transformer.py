@@ -99,7 +99,18 @@ def _softmax_jvp(primals, tangents):
   return y, y * (x_dot - jnp.sum(y * x_dot, axis=-1, keepdims=True))
 
 
-def _attend(q_BxHxTxDh, k_BxKxSxDh, v_BxKxSxDh, allowed_BxTxS):
+def _einsum(spec, x, y, fp32_accumulate=False):
+  """einsum in x's dtype. With fp32_accumulate (the cached, gradient-free decoding path),
+  low-precision operands accumulate in fp32 and round once: on CPUs with AMX/AVX512-BF16
+  XLA runs that several times faster than a bf16-result dot. Training keeps plain dots: the
+  transpose of an fp32-accumulating dot is an fp32 matmul, slow on accelerators."""
+  y = y.astype(x.dtype)
+  if fp32_accumulate and x.dtype != jnp.float32:
+    return jnp.einsum(spec, x, y, preferred_element_type=jnp.float32).astype(x.dtype)
+  return jnp.einsum(spec, x, y)
+
+
+def _attend(q_BxHxTxDh, k_BxKxSxDh, v_BxKxSxDh, allowed_BxTxS, fp32_accumulate=False):
   """Grouped-query softmax attention (scores and softmax in fp32); returns [B, T, H·Dh].
 
   All operands are heads-major and each kv head's query group is folded into the row axis, so
@@ -111,26 +122,27 @@ def _attend(q_BxHxTxDh, k_BxKxSxDh, v_BxKxSxDh, allowed_BxTxS):
   K = k_BxKxSxDh.shape[1]
   G = H // K
   q = q_BxHxTxDh.reshape(B, K, G * T, Dh)
-  scores = jnp.einsum('bkqd,bksd->bkqs', q, k_BxKxSxDh).astype(jnp.float32)
+  scores = _einsum('bkqd,bksd->bkqs', q, k_BxKxSxDh, fp32_accumulate).astype(jnp.float32)
   scores = jnp.where(allowed_BxTxS[:, None, None], scores.reshape(B, K, G, T, -1) * Dh ** -0.5,
                      _MASKED).reshape(B, K, G * T, -1)
   probs = _softmax(scores).astype(q.dtype)
-  out = jnp.einsum('bkqs,bksd->bkqd', probs, v_BxKxSxDh)
+  out = _einsum('bkqs,bksd->bkqd', probs, v_BxKxSxDh, fp32_accumulate)
   return out.reshape(B, H, T, Dh).transpose(0, 2, 1, 3).reshape(B, T, H * Dh)
 
 
-def _qkv(cfg, p, x_NxD, rope, batch):
+def _qkv(cfg, p, x_NxD, rope, batch, fp32_accumulate=False):
   """Pre-norm, q/k/v projections (+bias, +qk-norm) and RoPE for one layer.
 
   x_NxD holds the batch's B·T tokens as rows (2-D, so each projection and its weight gradient is
   one canonical matmul). Returns heads-major q [B, H, T, Dh], k, v [B, Hkv, T, Dh].
+  fp32_accumulate: as in _einsum.
   """
   N = x_NxD.shape[0]
   dt, Dh = x_NxD.dtype, cfg.resolved_head_dim
   h = _rms_norm(x_NxD, p['attn_norm'], cfg.norm_eps).astype(dt)
 
   def project(name, n_heads):
-    y = h @ p['w' + name].astype(dt)
+    y = _einsum('nd,dh->nh', h, p['w' + name], fp32_accumulate)
     if cfg.qkv_bias:
       y = y + p['b' + name].astype(dt)
     return y.reshape(batch, N // batch, n_heads, Dh)
@@ -144,14 +156,14 @@ def _qkv(cfg, p, x_NxD, rope, batch):
           heads_major(v, 'v'))
 
 
-def _finish(cfg, p, x_NxD, attn_NxHDh):
+def _finish(cfg, p, x_NxD, attn_NxHDh, fp32_accumulate=False):
   """Attention output projection, residual, and the SwiGLU MLP block, on [B·T, ...] rows."""
-  dt = x_NxD.dtype
-  x = checkpoint_name(x_NxD + attn_NxHDh @ p['wo'].astype(dt), 'x_mid')
-  h = _rms_norm(x, p['mlp_norm'], cfg.norm_eps).astype(dt)
-  gate = checkpoint_name(h @ p['w_gate'].astype(dt), 'gate')
-  up = checkpoint_name(h @ p['w_up'].astype(dt), 'up')
-  return x + (jax.nn.silu(gate) * up) @ p['w_down'].astype(dt)
+  mm = lambda a, w: _einsum('nd,df->nf', a, w, fp32_accumulate)
+  x = checkpoint_name(x_NxD + mm(attn_NxHDh, p['wo']), 'x_mid')
+  h = _rms_norm(x, p['mlp_norm'], cfg.norm_eps).astype(x_NxD.dtype)
+  gate = checkpoint_name(mm(h, p['w_gate']), 'gate')
+  up = checkpoint_name(mm(h, p['w_up']), 'up')
+  return x + mm(jax.nn.silu(gate) * up, p['w_down'])
 
 
 def _layer(cfg, p, x_NxD, rope, allowed_BxTxS, cache=None):
@@ -164,13 +176,15 @@ def _layer(cfg, p, x_NxD, rope, allowed_BxTxS, cache=None):
   [B, T, S]), and k, v are the updated buffers.
   """
   B, dt = allowed_BxTxS.shape[0], x_NxD.dtype
-  q, k, v = _qkv(cfg, p, x_NxD, rope, B)
-  if cache is not None:
+  decoding = cache is not None   # no gradient flows through the cached path
+  q, k, v = _qkv(cfg, p, x_NxD, rope, B, decoding)
+  if decoding:
     k_cache, v_cache, index = cache
     k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, index, 0))
     v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, index, 0))
-  attn = _attend(q, k.astype(dt), v.astype(dt), allowed_BxTxS).reshape(x_NxD.shape[0], -1)
-  return _finish(cfg, p, x_NxD, checkpoint_name(attn, 'attn')), k, v
+  attn = _attend(q, k.astype(dt), v.astype(dt), allowed_BxTxS, decoding)
+  attn = checkpoint_name(attn.reshape(x_NxD.shape[0], -1), 'attn')
+  return _finish(cfg, p, x_NxD, attn, decoding), k, v
 
 
 def _positions(mask_BxT):
@@ -301,20 +315,30 @@ class Transformer(nnx.Module):
         'pos': jnp.zeros((batch_size,), jnp.int32),
     }
 
-  def layer_params(self) -> tuple[dict, ...]:
-    """Each layer's weights as separate arrays. A decode loop should take them once, outside
-    the loop, and pass them to prefill/decode_step: slicing the stacked weights inside the loop
-    body copies every weight at every step (XLA:CPU does not hoist the slices)."""
-    stacked = self.layers.arrays()
-    return tuple({name: w[i] for name, w in stacked.items()} for i in range(self.config.n_layers))
+  def decoding_weights(self) -> dict:
+    """The weights of the cached path, laid out for it: {'layers': one dict per layer,
+    'output': the output projection [D, V]}, matmul weights in the compute dtype.
 
-  def prefill(self, tokens_BxP, input_mask_BxP, cache, *, last_only=False, layers=None):
+    A decode loop should take them once, outside the loop, and pass them to prefill /
+    decode_step: slicing the stacked weights (or casting them) inside the loop body redoes
+    it at every step (XLA:CPU does not hoist it).
+    """
+    dt = self.config.dtype
+    stacked = self.layers.arrays()
+    cast = lambda name, w: w.astype(dt) if name.startswith('w') else w
+    return {'layers': tuple({name: cast(name, w[i]) for name, w in stacked.items()}
+                            for i in range(self.config.n_layers)),
+            'output': self.output_projection().astype(dt)}
+
+  def prefill(self, tokens_BxP, input_mask_BxP, cache, *, last_only=False, weights=None):
     """Appends P tokens (left-padded prompts allowed) to the cache; returns (logits, cache).
 
     logits are [B, P, V], or with last_only the last column's [B, V] (all a sampler needs; the
     other P-1 columns are never projected onto the vocabulary). Writes slots [index, index + P);
     the caller must keep index + P <= cache size (a traced index cannot be checked here).
-    layers: `layer_params()`, when taken outside a decode loop (default: sliced here).
+    weights: `decoding_weights()`, when taken outside a decode loop (default: made here).
+    In bf16 the matmuls accumulate in fp32 (`_einsum`) and the logits come from the bf16
+    output projection, so they differ from `__call__`'s fp32 logits by bf16 rounding.
     """
     tokens_BxP = self._check_tokens(tokens_BxP)
     B, P = tokens_BxP.shape
@@ -338,9 +362,10 @@ class Transformer(nnx.Module):
     # A Python loop, not a scan, over layers: each layer reads and updates its own cache buffer
     # in place. A scan sliced the stacked weights and cache, and re-stacked the cache, at every
     # decode step.
+    weights = weights or self.decoding_weights()
     x = self._embed(tokens_BxP).reshape(B * P, -1)
     k_caches, v_caches = [], []
-    for i, p in enumerate(layers or self.layer_params()):
+    for i, p in enumerate(weights['layers']):
       x, k, v = _layer(cfg, p, x, rope, allowed_BxPxS, (cache['k'][i], cache['v'][i], index))
       k_caches.append(k)
       v_caches.append(v)
@@ -354,14 +379,16 @@ class Transformer(nnx.Module):
     x = x.reshape(B, P, -1)
     if last_only:
       x = x[:, -1]
-    return self.logits(_rms_norm(x, self.final_norm[...], cfg.norm_eps)), new_cache
+    h = _rms_norm(x, self.final_norm[...], cfg.norm_eps).astype(cfg.dtype)
+    logits = jnp.einsum('...d,dv->...v', h, weights['output'], preferred_element_type=jnp.float32)
+    return logits, new_cache
 
-  def decode_step(self, tokens_Bx1, cache, *, layers=None):
+  def decode_step(self, tokens_Bx1, cache, *, weights=None):
     """Appends one real token per row; returns (logits [B, V], cache). layers: as in prefill."""
     tokens_Bx1 = self._check_tokens(tokens_Bx1)
     if tokens_Bx1.shape[1] != 1:
       raise ValueError(f'decode_step takes tokens of shape [B, 1], got {tokens_Bx1.shape}')
-    return self.prefill(tokens_Bx1, None, cache, last_only=True, layers=layers)
+    return self.prefill(tokens_Bx1, None, cache, last_only=True, weights=weights)
 
   # ---- helpers -----------------------------------------------------------------------------
 
