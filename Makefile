@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 WORKDIR ?= workdirs/quickstart
 TEST_WORKERS ?= 2
+# Flags for the benchmark, e.g. make bench BENCH_ARGS="--dtype=bfloat16 --out=results.jsonl"
+BENCH_ARGS ?=
 
 .PHONY: quickstart test bench clean-venv
 
@@ -22,7 +24,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15 tests
 
 bench: $(STAMP)
-	$(PY) -m distill.bench
+	$(PY) -m distill.bench $(BENCH_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
