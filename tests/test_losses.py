@@ -370,3 +370,27 @@ def test_hidden_state_losses():
     L.hidden_state_loss(student, teacher, mask, {0: 7}, proj)
   with pytest.raises(ValueError, match='kind'):
     L.hidden_state_loss(student, teacher, mask, layer_map, proj, kind='l1')
+
+
+def test_config_hparams_of_other_divergences_are_set_aside():
+  """One config's hparams serve a sweep over divergences; a typo is still an error."""
+  from distill.losses import divergences
+  assert divergences.split_hparams('forward_kl', {'beta': 0.5}) == ({}, ['beta'])
+  assert divergences.split_hparams('jsd', {'beta': 0.5, 'temperature': 2.0}) == (
+      {'beta': 0.5, 'temperature': 2.0}, [])
+  kept, unused = divergences.split_hparams('forward_kl', {'betta': 0.5, 'alpha': 0.1})
+  assert unused == ['alpha']
+  with pytest.raises(ValueError, match=r"does not take \['betta'\]"):
+    L.get('forward_kl', **kept)
+
+
+def test_gkd_config_switched_to_forward_kl_builds():
+  import jax.numpy as jnp
+  from distill.train import trainer
+  from tests.helpers import small_config
+  config = small_config('arithmetic_gkd')
+  config.loss.divergence = 'forward_kl'        # the config also sets loss.hparams.beta
+  token_fn = trainer.make_token_fn(config, has_teacher=True)
+  logits = jnp.log(jnp.array([[0.7, 0.2, 0.1]]))
+  value = token_fn(logits, logits, jnp.array([0]), jnp.ones((1,)))
+  np.testing.assert_allclose(value, 0.0, atol=1e-6)   # KL of equal distributions

@@ -239,3 +239,17 @@ def get(name: str, **hparams) -> Divergence:
                      f'{sorted(spec) + ["temperature"]}')
   checked = {key: check(key, hparams.get(key, default)) for key, (default, check) in spec.items()}
   return functools.partial(_divergence, formula=formula, temperature=temperature, hparams=checked)
+
+
+def split_hparams(name: str, hparams: dict) -> tuple[dict, list[str]]:
+  """(the hparams divergence `name` takes, the names that only other divergences take).
+
+  Lets one config's hparams serve a sweep over divergences: beta, set for jsd, is unused by
+  forward_kl. A name no divergence takes stays in the first dict, so that `get` rejects it.
+  """
+  if name not in _REGISTRY:
+    return dict(hparams), []
+  own = set(_REGISTRY[name][1]) | {'temperature'}
+  others = {key for _, spec in _REGISTRY.values() for key in spec}
+  unused = sorted(key for key in hparams if key not in own and key in others)
+  return {k: v for k, v in hparams.items() if k not in unused}, unused

@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 
 from distill import algorithms, losses
 from distill.data import pipeline, tasks
@@ -105,9 +106,12 @@ def make_token_fn(config, has_teacher: bool):
   loss = config.loss
   kd_weight = loss.kd_weight if has_teacher else 0.0
   ce_weight = loss.ce_weight if has_teacher else 1.0
+  hparams, unused = losses.divergences.split_hparams(loss.divergence, dict(loss.hparams))
+  if unused:
+    logging.warning('loss.hparams %s are not used by divergence %r', unused, loss.divergence)
   return losses.token_objective(
       loss.divergence, kd_weight=kd_weight, ce_weight=ce_weight, temperature=loss.temperature,
-      temperature_squared_scale=loss.temperature_squared_scale, **loss.hparams)
+      temperature_squared_scale=loss.temperature_squared_scale, **hparams)
 
 
 def train_iterator(run: Run):
