@@ -141,20 +141,13 @@ def _qkv(cfg, p, x_NxD, rope, batch, fp32_accumulate=False):
   dt, Dh = x_NxD.dtype, cfg.resolved_head_dim
   h = _rms_norm(x_NxD, p['attn_norm'], cfg.norm_eps).astype(dt)
 
-  if 'wqkv' in p:   # decoding weights: one matmul for the three projections
-    qkv = _einsum('nd,dh->nh', h, p['wqkv'], fp32_accumulate)
+  def project(name, n_heads):
+    y = _einsum('nd,dh->nh', h, p['w' + name], fp32_accumulate)
     if cfg.qkv_bias:
-      qkv = qkv + p['bqkv'].astype(dt)
-    HD, KD = cfg.n_heads * Dh, cfg.n_kv_heads * Dh
-    q, k, v = qkv[:, :HD], qkv[:, HD:HD + KD], qkv[:, HD + KD:]
-  else:
-    def project(name):
-      y = _einsum('nd,dh->nh', h, p['w' + name], fp32_accumulate)
-      return y + p['b' + name].astype(dt) if cfg.qkv_bias else y
-    q, k, v = project('q'), project('k'), project('v')
-  q = q.reshape(batch, N // batch, cfg.n_heads, Dh)
-  k = k.reshape(batch, N // batch, cfg.n_kv_heads, Dh)
-  v = v.reshape(batch, N // batch, cfg.n_kv_heads, Dh)
+      y = y + p['b' + name].astype(dt)
+    return y.reshape(batch, N // batch, n_heads, Dh)
+
+  q, k, v = project('q', cfg.n_heads), project('k', cfg.n_kv_heads), project('v', cfg.n_kv_heads)
   if cfg.qk_norm:
     q = _rms_norm(q, p['q_norm'], cfg.norm_eps).astype(dt)
     k = _rms_norm(k, p['k_norm'], cfg.norm_eps).astype(dt)
@@ -168,13 +161,8 @@ def _finish(cfg, p, x_NxD, attn_NxHDh, fp32_accumulate=False):
   mm = lambda a, w: _einsum('nd,df->nf', a, w, fp32_accumulate)
   x = checkpoint_name(x_NxD + mm(attn_NxHDh, p['wo']), 'x_mid')
   h = _rms_norm(x, p['mlp_norm'], cfg.norm_eps).astype(x_NxD.dtype)
-  if 'w_gate_up' in p:   # decoding weights: one matmul for both
-    F = cfg.d_ff
-    gate_up = mm(h, p['w_gate_up'])
-    gate, up = gate_up[:, :F], gate_up[:, F:]
-  else:
-    gate = checkpoint_name(mm(h, p['w_gate']), 'gate')
-    up = checkpoint_name(mm(h, p['w_up']), 'up')
+  gate = checkpoint_name(mm(h, p['w_gate']), 'gate')
+  up = checkpoint_name(mm(h, p['w_up']), 'up')
   return x + mm(jax.nn.silu(gate) * up, p['w_down'])
 
 
@@ -329,29 +317,18 @@ class Transformer(nnx.Module):
 
   def decoding_weights(self) -> dict:
     """The weights of the cached path, laid out for it: {'layers': one dict per layer,
-    'output': the output projection [D, V]}, matmul weights in the compute dtype, and q/k/v
-    (gate/up) concatenated into one matrix 'wqkv' (['w_gate_up']): a decode step is dozens of
-    small matmuls whose fixed cost per call dominates.
+    'output': the output projection [D, V]}, matmul weights in the compute dtype.
 
     A decode loop should take them once, outside the loop, and pass them to prefill /
     decode_step: slicing the stacked weights (or casting them) inside the loop body redoes
     it at every step (XLA:CPU does not hoist it).
     """
-    cfg = self.config
+    dt = self.config.dtype
     stacked = self.layers.arrays()
-    fused = {'wqkv': ('wq', 'wk', 'wv'), 'w_gate_up': ('w_gate', 'w_up')}
-    if cfg.qkv_bias:
-      fused['bqkv'] = ('bq', 'bk', 'bv')
-    parts = {part for group in fused.values() for part in group}
-
-    def layer(i):
-      p = {name: w[i] for name, w in stacked.items() if name not in parts}
-      p.update({name: jnp.concatenate([stacked[part][i] for part in group], axis=-1)
-                for name, group in fused.items()})
-      return {name: w.astype(cfg.dtype) if name.startswith('w') else w for name, w in p.items()}
-
-    return {'layers': tuple(layer(i) for i in range(cfg.n_layers)),
-            'output': self.output_projection().astype(cfg.dtype)}
+    cast = lambda name, w: w.astype(dt) if name.startswith('w') else w
+    return {'layers': tuple({name: cast(name, w[i]) for name, w in stacked.items()}
+                            for i in range(self.config.n_layers)),
+            'output': self.output_projection().astype(dt)}
 
   def prefill(self, tokens_BxP, input_mask_BxP, cache, *, last_only=False, weights=None):
     """Appends P tokens (left-padded prompts allowed) to the cache; returns (logits, cache).
