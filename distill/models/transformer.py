@@ -384,7 +384,8 @@ class Transformer(nnx.Module):
     return logits, new_cache
 
   def decode_step(self, tokens_Bx1, cache, *, weights=None):
-    """Appends one real token per row; returns (logits [B, V], cache). layers: as in prefill."""
+    """Appends one real token per row; returns (logits [B, V], cache). weights: as in
+    prefill."""
     tokens_Bx1 = self._check_tokens(tokens_Bx1)
     if tokens_Bx1.shape[1] != 1:
       raise ValueError(f'decode_step takes tokens of shape [B, 1], got {tokens_Bx1.shape}')
