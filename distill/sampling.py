@@ -181,10 +181,14 @@ def generate(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, cfg: SamplingCo
   noise_NxBxG = None if cfg.temperature == 0 else jax.vmap(
       lambda key: gumbel_noise(key, (B,), logits_BxV.shape[-1]))(step_keys)
 
+  def draw(i, logits_BxV):
+    noise_BxG = None if noise_NxBxG is None else noise_NxBxG[jnp.minimum(i, N - 1)]
+    return sample_with_noise(noise_BxG, logits_BxV, cfg)
+
+  # The loop carries step i's draw (token, log-probs: [B] each), made at the end of step i-1,
+  # rather than its [B, V] logits, which XLA copied at every step. The last draw is unused.
   def body(state):
-    i, logits_BxV, cache, done_B, out = state
-    noise_BxG = None if noise_NxBxG is None else noise_NxBxG[i]
-    token_B, logp_B, model_logp_B = sample_with_noise(noise_BxG, logits_BxV, cfg)
+    i, (token_B, logp_B, model_logp_B), cache, done_B, out = state
     live_B = ~done_B
     token_B = jnp.where(live_B, token_B, cfg.pad_id)
     out = {
@@ -197,7 +201,7 @@ def generate(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, cfg: SamplingCo
     if cfg.eos_id is not None:
       done_B = done_B | (token_B == cfg.eos_id)
     logits_BxV, cache = model.decode_step(token_B[:, None], cache, weights=weights)
-    return i + 1, logits_BxV, cache, done_B, out
+    return i + 1, draw(i + 1, logits_BxV), cache, done_B, out
 
   def cond(state):
     i, _, _, done_B, _ = state
@@ -210,7 +214,7 @@ def generate(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, cfg: SamplingCo
       'model_logprobs_BxN': jnp.zeros((B, N), jnp.float32),
   }
   done_B = prompt_mask_BxP.sum(axis=1) == 0
-  state = (jnp.zeros((), jnp.int32), logits_BxV, cache, done_B, out)
+  state = (jnp.zeros((), jnp.int32), draw(0, logits_BxV), cache, done_B, out)
   return jax.lax.while_loop(cond, body, state)[-1]
 
 

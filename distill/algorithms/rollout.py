@@ -174,10 +174,13 @@ def joint_generate(student_graphdef, student_params, teacher_graphdef, teacher_p
     return jax.lax.dynamic_update_slice_in_dim(out_BxN, value_B[:, None].astype(out_BxN.dtype),
                                                i, axis=1)
 
+  def draw(i, s_logits, t_logits):
+    return choose(step_keys[jnp.minimum(i, N - 1)], s_logits.astype(jnp.float32),
+                  t_logits.astype(jnp.float32))
+
+  # As in sampling.generate, the loop carries step i's draw rather than both models' logits.
   def body(carry):
-    i, (s_logits, t_logits), (s_cache, t_cache), done_B, out = carry
-    token_B, logp_B, flag_B = choose(step_keys[i], s_logits.astype(jnp.float32),
-                                     t_logits.astype(jnp.float32))
+    i, (token_B, logp_B, flag_B), (s_cache, t_cache), done_B, out = carry
     live_B = ~done_B
     token_B = jnp.where(live_B, token_B, cfg.pad_id).astype(jnp.int32)
     out = {'tokens_BxN': write(out['tokens_BxN'], i, token_B),
@@ -188,7 +191,7 @@ def joint_generate(student_graphdef, student_params, teacher_graphdef, teacher_p
       done_B = done_B | (token_B == cfg.eos_id)
     s_logits, s_cache = student.decode_step(token_B[:, None], s_cache, weights=s_weights)
     t_logits, t_cache = teacher.decode_step(token_B[:, None], t_cache, weights=t_weights)
-    return i + 1, (s_logits, t_logits), (s_cache, t_cache), done_B, out
+    return i + 1, draw(i + 1, s_logits, t_logits), (s_cache, t_cache), done_B, out
 
   def cond(carry):
     i, _, _, done_B, _ = carry
@@ -199,7 +202,7 @@ def joint_generate(student_graphdef, student_params, teacher_graphdef, teacher_p
          'logprobs_BxN': jnp.zeros((B, N), jnp.float32),
          'flags_BxN': jnp.zeros((B, N), jnp.float32)}
   done_B = prompt_mask_BxP.sum(axis=1) == 0
-  carry = (jnp.zeros((), jnp.int32), tuple(logits), tuple(caches), done_B, out)
+  carry = (jnp.zeros((), jnp.int32), draw(0, *logits), tuple(caches), done_B, out)
   return jax.lax.while_loop(cond, body, carry)[-1]
 
 

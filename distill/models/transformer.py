@@ -30,7 +30,9 @@ KV cache (a plain dict, passed in and returned): 'k', 'v' tuples of L arrays [B,
 (one buffer per layer, heads-major: a decode step writes its token into each layer's buffer in
 place and attends over it without slicing or transposing anything; logical axes in CACHE_AXES);
 'key_mask' [B, S] int32 (1 = slot holds a real token); 'index' int32 scalar, the next slot to
-write (shared by all rows); 'pos' [B] int32, each row's next position id.
+write (shared by all rows); 'pos' [B] int32, each row's next position id; 'rope' the (cos, sin)
+tables [S, Dh/2] of positions 0..S-1 (a row's positions never exceed its slots), made once
+with the cache so that decode steps look the rotary angles up instead of recomputing them.
 """
 import math
 
@@ -51,6 +53,7 @@ CACHE_AXES = {
     'key_mask': ('batch', 'cache_seq'),
     'index': (),
     'pos': ('batch',),
+    'rope': ('cache_seq', 'head_dim'),   # each of the (cos, sin) tables
 }
 
 # What a layer keeps for its backward pass (when not fully rematerialised): the matmul outputs
@@ -69,11 +72,21 @@ def _rms_norm(x, w, eps):
   return x * w.astype(jnp.float32)
 
 
-def _rope_tables(pos_BxT, head_dim, theta):
-  """cos, sin [B, T, 1, Dh/2] of the rotary angles pos * theta^(-2i/Dh), in fp32."""
+def _rope_table(n_positions, head_dim, theta):
+  """cos, sin [n_positions, Dh/2] of the rotary angles pos * theta^(-2i/Dh) of positions
+  0..n_positions-1, in fp32."""
   inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-  angle_BxTx1xK = (pos_BxT.astype(jnp.float32)[..., None] * inv_freq)[:, :, None, :]
-  return jnp.cos(angle_BxTx1xK), jnp.sin(angle_BxTx1xK)
+  angle_NxK = jnp.arange(n_positions, dtype=jnp.float32)[:, None] * inv_freq
+  return jnp.cos(angle_NxK), jnp.sin(angle_NxK)
+
+
+def _rope_at(table, pos_BxT):
+  """The rows of a `_rope_table` at positions pos: cos, sin [B, T, 1, Dh/2].
+
+  A lookup rather than cos/sin of the angles: XLA fuses the tables into each layer's q and k
+  fusions, and a decode step then evaluated the trigonometry in all of them.
+  """
+  return tuple(jnp.take(t, pos_BxT, axis=0)[:, :, None, :] for t in table)
 
 
 def _rope(x_BxTxHxDh, rope):
@@ -278,7 +291,7 @@ class Transformer(nnx.Module):
     B, T = tokens_BxT.shape
     cfg = self.config
     mask_BxT = jnp.ones((B, T), jnp.int32) if input_mask_BxT is None else input_mask_BxT
-    rope = _rope_tables(_positions(mask_BxT), cfg.resolved_head_dim, cfg.rope_theta)
+    rope = _rope_at(_rope_table(T, cfg.resolved_head_dim, cfg.rope_theta), _positions(mask_BxT))
     allowed_BxTxT = jnp.tril(jnp.ones((T, T), bool))[None] & (mask_BxT[:, None, :] > 0)
 
     def body(x, p):
@@ -313,6 +326,7 @@ class Transformer(nnx.Module):
         'key_mask': jnp.zeros((batch_size, max_len), jnp.int32),
         'index': jnp.zeros((), jnp.int32),
         'pos': jnp.zeros((batch_size,), jnp.int32),
+        'rope': _rope_table(max_len, cfg.resolved_head_dim, cfg.rope_theta),
     }
 
   def decoding_weights(self) -> dict:
@@ -351,8 +365,7 @@ class Transformer(nnx.Module):
     mask_BxP = mask_BxP.astype(jnp.int32)
     index = cache['index']
     cfg = self.config
-    rope = _rope_tables(cache['pos'][:, None] + _positions(mask_BxP), cfg.resolved_head_dim,
-                        cfg.rope_theta)
+    rope = _rope_at(cache['rope'], cache['pos'][:, None] + _positions(mask_BxP))
     # The new token at slot index + t sees every real slot up to its own (slots never written
     # have key_mask 0).
     key_mask_BxS = jax.lax.dynamic_update_slice(cache['key_mask'], mask_BxP, (0, index))
@@ -375,6 +388,7 @@ class Transformer(nnx.Module):
         'key_mask': key_mask_BxS,
         'index': index + P,
         'pos': cache['pos'] + mask_BxP.sum(axis=1),
+        'rope': cache['rope'],
     }
     x = x.reshape(B, P, -1)
     if last_only:
