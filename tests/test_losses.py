@@ -1,5 +1,7 @@
 """Divergences, reductions, objectives, TAID, top-k and hidden-state losses against float64
 NumPy references of the published formulas."""
+import functools
+
 import numpy as np
 import pytest
 import jax
@@ -140,6 +142,45 @@ def test_temperature_divides_both_logits(name, hp):
   got = jax.jit(L.get(name, temperature=tau, **hp))(S, T, MASK)
   np.testing.assert_allclose(got, reference(name, S, T, temperature=tau, **hp), rtol=2e-5,
                              atol=2e-6)
+
+
+@pytest.mark.parametrize('beta,tau,dtype', [(0.5, 1.0, np.float32), (0.1, 2.0, np.float32),
+                                            (0.9, 0.7, jax.numpy.bfloat16)])
+def test_fused_jsd_matches_autodiff_of_log_prob_form(beta, tau, dtype):
+  """JSD(0 < β < 1) runs as a fused kernel with a hand-written gradient; it must equal
+  autodiff through the log-prob formula (mixture by `_log_mix`) for both models' logits."""
+  from distill.losses import divergences as D
+
+  def log_prob_jsd(lq, lp):
+    lm = D._log_mix(lp, lq, beta)
+    return beta * D.kl_from_logprobs(lp, lm) + (1 - beta) * D.kl_from_logprobs(lq, lm)
+
+  reference_fn = functools.partial(D._divergence, formula=log_prob_jsd, temperature=tau,
+                                   hparams={})
+  s, t = logits(7, (2, 5, 13)), logits(8, (2, 5, 13))
+  s[..., -2:] = t[..., -2:] = -np.inf   # padded ids, ruled out by both
+  t[0, 1, 3] = -np.inf                  # ruled out by the teacher only
+  s[1, 2, 4] = -np.inf                  # ruled out by the student only
+  mask = np.ones(s.shape[:-1], np.float32)
+  mask[1, 3] = 0
+  s[1, 3], t[1, 3] = np.nan, np.inf     # garbage at a masked token
+  s, t = s.astype(dtype), t.astype(dtype)
+  weights = np.arange(1, mask.size + 1, dtype=np.float32).reshape(mask.shape)
+
+  def value_and_weighted_grads(fn):
+    return jax.jit(lambda a, b: (fn(a, b, mask),
+                                 jax.grad(lambda a, b: (fn(a, b, mask) * weights).sum(),
+                                          argnums=(0, 1))(a, b)))
+
+  got_value, got_grads = value_and_weighted_grads(L.get('jsd', beta=beta, temperature=tau))(s, t)
+  want_value, want_grads = value_and_weighted_grads(reference_fn)(s, t)
+  assert got_value.dtype == want_value.dtype == np.float32
+  np.testing.assert_allclose(got_value, want_value, rtol=1e-5, atol=1e-7)
+  for got, want in zip(got_grads, want_grads):
+    assert got.dtype == dtype and np.all(np.isfinite(np.asarray(got, np.float32)))
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               rtol=1e-4 if dtype == np.float32 else 2e-2, atol=1e-6)
+    assert np.all(np.asarray(got, np.float32)[1, 3] == 0)
 
 
 def test_limit_cases():

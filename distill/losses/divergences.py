@@ -15,6 +15,8 @@ Conventions (the same for every loss, so that variants compare fairly):
     out (−inf) while the other gives it mass, weighted by the latter — are dropped from the
     sum, as DistiLLM's and ABKD's reference code do with their `inf_mask`; everything else is
     exact. Mask padded ids in *both* models and nothing is ever dropped.
+  * JSD with 0 < β < 1 (GKD's loss) is one fused function with its gradient in closed form
+    (`_jsd_fused`), same conventions, fewer passes over the vocabulary than autodiff.
   * `temperature` τ (every divergence takes it) divides both models' logits. `get` never
     multiplies by τ²; use `objective.token_objective(..., temperature_squared_scale=True)`
     or `objective.hinton` for Hinton's τ² scaling.
@@ -35,14 +37,18 @@ NEG_INF = -jnp.inf
 # ----------------------------------------------------------------------------- helpers
 
 
-def _log_probs(student_logits, teacher_logits, mask, temperature):
-  """fp32 log-probabilities of (student, teacher) and the boolean mask."""
+def _check_shapes(student_logits, teacher_logits, mask):
   if student_logits.shape != teacher_logits.shape:
     raise ValueError(f'student and teacher logits differ in shape: {student_logits.shape} vs '
                      f'{teacher_logits.shape} (equal vocabularies are required)')
   if mask.shape != student_logits.shape[:-1]:
     raise ValueError(f'mask shape {mask.shape} does not match logits {student_logits.shape} '
                      f'without the vocabulary axis')
+
+
+def _log_probs(student_logits, teacher_logits, mask, temperature):
+  """fp32 log-probabilities of (student, teacher) and the boolean mask."""
+  _check_shapes(student_logits, teacher_logits, mask)
   valid = mask != 0
   def prep(logits):
     logits = logits.astype(jnp.float32) / temperature
@@ -101,13 +107,84 @@ def _reverse_kl(lq, lp):
 
 
 def _jsd(lq, lp, *, beta, endpoints):
-  """Generalized JSD(β): M = β·p + (1−β)·q; β·KL(p‖M) + (1−β)·KL(q‖M)."""
-  if endpoints == 'kl' and beta == 0.0:
-    return kl_from_logprobs(lp, lq)
-  if endpoints == 'kl' and beta == 1.0:
-    return kl_from_logprobs(lq, lp)
-  lm = _log_mix(lp, lq, beta)
-  return beta * kl_from_logprobs(lp, lm) + (1.0 - beta) * kl_from_logprobs(lq, lm)
+  """Generalized JSD(β) at β ∈ {0, 1}; `get` returns `_jsd_fused` for 0 < β < 1.
+
+  endpoints='kl': exactly forward (β=0) / reverse (β=1) KL. endpoints='jsd': the plain
+  formula, 0 at both ends (M equals the distribution whose KL(·‖M) carries the weight).
+  """
+  if endpoints == 'jsd':
+    return jnp.zeros(lq.shape[:-1], lq.dtype)
+  return kl_from_logprobs(lp, lq) if beta == 0.0 else kl_from_logprobs(lq, lp)
+
+
+# Finite stand-in for log 0 in `_jsd_fused`: exp of it is exactly 0, and differences of two
+# such values are 0 instead of inf − inf.
+_LOG_ZERO = -1e30
+
+
+def _jsd_log_probs(x, stats, beta):
+  """log q, log p, log M [..., V] from temperature-scaled logits x = (student, teacher) and
+  their row statistics (max, log Σ exp(x − max)). log 0 is `_LOG_ZERO`; log M is written
+  around the larger side as in `_log_mix`: one of the two expm1 terms is exactly 0, and
+  log M is exactly log q when q == p."""
+  lq, lp = (jnp.maximum(xi - m - log_sum, _LOG_ZERO) for xi, (m, log_sum) in zip(x, stats))
+  hi = jnp.maximum(lq, lp)
+  lm = hi + jnp.log1p(beta * jnp.expm1(lp - hi) + (1.0 - beta) * jnp.expm1(lq - hi))
+  return lq, lp, lm
+
+
+def _row_stats(x):
+  """(max, log Σ exp(x − max)) over the last axis, keepdims; a non-finite max counts as 0, as
+  in jax.nn.log_softmax."""
+  m = jnp.max(x, axis=-1, keepdims=True)
+  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  return m, jnp.log(jnp.sum(jnp.exp(x - m), axis=-1, keepdims=True))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _jsd_fused(student_logits, teacher_logits, mask, beta, temperature):
+  """Generalized JSD(β), 0 < β < 1, from logits, with its gradient in closed form.
+
+  Same value as the log-prob formulas (M > 0 wherever p or q is, so no term is dropped), in
+  fewer passes over the vocabulary: XLA:CPU writes out every [.., V] intermediate that reaches
+  a reduction through a `where`, and the −inf guards of the log-prob form wrote seven in its
+  forward alone (experiments/bench/perf_notes.md §8). Gradients (softmax Jacobian applied to ∂/∂q = (1−β)·log(q/M), ∂/∂p = β·log(p/M)):
+    ∂/∂student = (1−β)/τ · q ⊙ (log q − log M − KL(q‖M))
+    ∂/∂teacher =     β/τ · p ⊙ (log p − log M − KL(p‖M))
+  Masked tokens are 0 in value and gradient whatever their logits hold.
+  """
+  return _jsd_fused_fwd(student_logits, teacher_logits, mask, beta, temperature)[0]
+
+
+def _jsd_fused_fwd(student_logits, teacher_logits, mask, beta, temperature):
+  x = tuple(l.astype(jnp.float32) / temperature for l in (student_logits, teacher_logits))
+  stats = tuple(_row_stats(xi) for xi in x)
+  lq, lp, lm = _jsd_log_probs(x, stats, beta)
+  kl_qm = jnp.sum(jnp.exp(lq) * (lq - lm), axis=-1)
+  kl_pm = jnp.sum(jnp.exp(lp) * (lp - lm), axis=-1)
+  valid = mask != 0
+  value = jnp.where(valid, beta * kl_pm + (1.0 - beta) * kl_qm, 0.0)
+  return value, (student_logits, teacher_logits, valid, stats, (kl_qm, kl_pm))
+
+
+def _jsd_fused_bwd(beta, temperature, residuals, cotangent):
+  student_logits, teacher_logits, valid, stats, (kl_qm, kl_pm) = residuals
+  x = tuple(l.astype(jnp.float32) / temperature for l in (student_logits, teacher_logits))
+  lq, lp, lm = _jsd_log_probs(x, stats, beta)
+  scale = jnp.where(valid, cotangent, 0.0)[..., None] / temperature
+  keep = valid[..., None]   # a select, so NaN logits at masked tokens never reach a gradient
+  d_student = jnp.where(keep, (1.0 - beta) * scale * jnp.exp(lq) * (lq - lm - kl_qm[..., None]),
+                        0.0)
+  d_teacher = jnp.where(keep, beta * scale * jnp.exp(lp) * (lp - lm - kl_pm[..., None]), 0.0)
+  return d_student.astype(student_logits.dtype), d_teacher.astype(teacher_logits.dtype), None
+
+
+_jsd_fused.defvjp(_jsd_fused_fwd, _jsd_fused_bwd)
+
+
+def _jsd_from_logits(student_logits, teacher_logits, mask, *, beta, temperature):
+  _check_shapes(student_logits, teacher_logits, mask)
+  return _jsd_fused(student_logits, teacher_logits, mask, beta, temperature)
 
 
 def _tvd(lq, lp):
@@ -238,6 +315,8 @@ def get(name: str, **hparams) -> Divergence:
     raise ValueError(f'divergence {name!r} does not take {sorted(unknown)}; it takes '
                      f'{sorted(spec) + ["temperature"]}')
   checked = {key: check(key, hparams.get(key, default)) for key, (default, check) in spec.items()}
+  if name == 'jsd' and 0.0 < checked['beta'] < 1.0:
+    return functools.partial(_jsd_from_logits, beta=checked['beta'], temperature=temperature)
   return functools.partial(_divergence, formula=formula, temperature=temperature, hparams=checked)
 
 
