@@ -147,7 +147,7 @@ def test_temperature_divides_both_logits(name, hp):
 @pytest.mark.parametrize('beta,tau,dtype', [(0.5, 1.0, np.float32), (0.1, 2.0, np.float32),
                                             (0.9, 0.7, jax.numpy.bfloat16)])
 def test_fused_jsd_matches_autodiff_of_log_prob_form(beta, tau, dtype):
-  """JSD(0 < β < 1) runs as a fused kernel with a hand-written gradient; it must equal
+  """JSD(0 < β < 1) is a custom_vjp function with a hand-written gradient; it must equal
   autodiff through the log-prob formula (mixture by `_log_mix`) for both models' logits."""
   from distill.losses import divergences as D
 

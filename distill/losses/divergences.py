@@ -8,15 +8,18 @@ Conventions (the same for every loss, so that variants compare fairly):
   * p is the teacher, q the student. forward KL = KL(p‖q), reverse KL = KL(q‖p).
   * Computed in fp32 in log space from `log_softmax`; 0·log 0 = 0.
   * `mask` nonzero marks tokens that count; elsewhere the result is exactly 0, the logits
-    there are replaced by zeros first, so garbage (NaN, all −inf) at masked positions never
-    reaches a value or a gradient.
+    there are replaced by zeros first (the fused JSD selects them out of its value and
+    gradient instead), so garbage (NaN, all −inf) at masked positions never reaches a value or
+    a gradient. A *counted* token whose logits hold +inf or are all −inf has no distribution:
+    its value is not meaningful (NaN in the fused JSD).
   * A −inf logit means probability exactly 0 (e.g. a vocabulary padded to a multiple of 128,
     masked in both models). Terms that are genuinely infinite — an id that one model rules
     out (−inf) while the other gives it mass, weighted by the latter — are dropped from the
     sum, as DistiLLM's and ABKD's reference code do with their `inf_mask`; everything else is
     exact. Mask padded ids in *both* models and nothing is ever dropped.
-  * JSD with 0 < β < 1 (GKD's loss) is one fused function with its gradient in closed form
-    (`_jsd_fused`), same conventions, fewer passes over the vocabulary than autodiff.
+  * JSD with 0 < β < 1 (GKD's loss) is one `custom_vjp` function with its gradient in closed
+    form (`_jsd_fused`), same conventions, fewer passes over the vocabulary than autodiff; it
+    supports reverse-mode differentiation (and vmap), not forward mode (jvp, hessian).
   * `temperature` τ (every divergence takes it) divides both models' logits. `get` never
     multiplies by τ²; use `objective.token_objective(..., temperature_squared_scale=True)`
     or `objective.hinton` for Hinton's τ² scaling.
@@ -38,6 +41,7 @@ NEG_INF = -jnp.inf
 
 
 def _check_shapes(student_logits, teacher_logits, mask):
+  """Raises ValueError unless both logits have one shape and mask is that without V."""
   if student_logits.shape != teacher_logits.shape:
     raise ValueError(f'student and teacher logits differ in shape: {student_logits.shape} vs '
                      f'{teacher_logits.shape} (equal vocabularies are required)')
@@ -107,11 +111,12 @@ def _reverse_kl(lq, lp):
 
 
 def _jsd(lq, lp, *, beta, endpoints):
-  """Generalized JSD(β) at β ∈ {0, 1}; `get` returns `_jsd_fused` for 0 < β < 1.
+  """Generalized JSD(β) at β ∈ {0, 1}; for 0 < β < 1 `get` returns `_jsd_from_logits`.
 
   endpoints='kl': exactly forward (β=0) / reverse (β=1) KL. endpoints='jsd': the plain
   formula, 0 at both ends (M equals the distribution whose KL(·‖M) carries the weight).
   """
+  assert beta in (0.0, 1.0), beta
   if endpoints == 'jsd':
     return jnp.zeros(lq.shape[:-1], lq.dtype)
   return kl_from_logprobs(lp, lq) if beta == 0.0 else kl_from_logprobs(lq, lp)
@@ -135,7 +140,7 @@ def _jsd_log_probs(x, stats, beta):
 
 def _row_stats(x):
   """(max, log Σ exp(x − max)) over the last axis, keepdims; a non-finite max counts as 0, as
-  in jax.nn.log_softmax."""
+  in jax.nn.logsumexp."""
   m = jnp.max(x, axis=-1, keepdims=True)
   m = jnp.where(jnp.isfinite(m), m, 0.0)
   return m, jnp.log(jnp.sum(jnp.exp(x - m), axis=-1, keepdims=True))
@@ -148,7 +153,8 @@ def _jsd_fused(student_logits, teacher_logits, mask, beta, temperature):
   Same value as the log-prob formulas (M > 0 wherever p or q is, so no term is dropped), in
   fewer passes over the vocabulary: XLA:CPU writes out every [.., V] intermediate that reaches
   a reduction through a `where`, and the −inf guards of the log-prob form wrote seven in its
-  forward alone (experiments/bench/perf_notes.md §8). Gradients (softmax Jacobian applied to ∂/∂q = (1−β)·log(q/M), ∂/∂p = β·log(p/M)):
+  forward alone (experiments/bench/perf_notes.md §8). Gradients (the softmax Jacobian applied
+  to ∂/∂q = (1−β)·log(q/M) and ∂/∂p = β·log(p/M)):
     ∂/∂student = (1−β)/τ · q ⊙ (log q − log M − KL(q‖M))
     ∂/∂teacher =     β/τ · p ⊙ (log p − log M − KL(p‖M))
   Masked tokens are 0 in value and gradient whatever their logits hold.
@@ -171,7 +177,7 @@ def _jsd_fused_bwd(beta, temperature, residuals, cotangent):
   student_logits, teacher_logits, valid, stats, (kl_qm, kl_pm) = residuals
   x = tuple(l.astype(jnp.float32) / temperature for l in (student_logits, teacher_logits))
   lq, lp, lm = _jsd_log_probs(x, stats, beta)
-  scale = jnp.where(valid, cotangent, 0.0)[..., None] / temperature
+  scale = cotangent[..., None] / temperature
   keep = valid[..., None]   # a select, so NaN logits at masked tokens never reach a gradient
   d_student = jnp.where(keep, (1.0 - beta) * scale * jnp.exp(lq) * (lq - lm - kl_qm[..., None]),
                         0.0)
@@ -183,6 +189,7 @@ _jsd_fused.defvjp(_jsd_fused_fwd, _jsd_fused_bwd)
 
 
 def _jsd_from_logits(student_logits, teacher_logits, mask, *, beta, temperature):
+  """The divergence `get('jsd', beta=0 < β < 1)` returns: shape checks, then `_jsd_fused`."""
   _check_shapes(student_logits, teacher_logits, mask)
   return _jsd_fused(student_logits, teacher_logits, mask, beta, temperature)
 

@@ -53,7 +53,7 @@ CACHE_AXES = {
     'key_mask': ('batch', 'cache_seq'),
     'index': (),
     'pos': ('batch',),
-    'rope': ('cache_seq', 'head_dim'),   # each of the (cos, sin) tables
+    'rope': ('cache_seq', 'head_dim'),   # each (cos, sin) table; its last axis is Dh/2
 }
 
 # What a layer keeps for its backward pass (when not fully rematerialised): the matmul outputs
@@ -349,7 +349,8 @@ class Transformer(nnx.Module):
 
     logits are [B, P, V], or with last_only the last column's [B, V] (all a sampler needs; the
     other P-1 columns are never projected onto the vocabulary). Writes slots [index, index + P);
-    the caller must keep index + P <= cache size (a traced index cannot be checked here).
+    the caller must keep index + P <= cache size (a traced index cannot be checked here;
+    past it the rotary table lookup gives NaN).
     weights: `decoding_weights()`, when taken outside a decode loop (default: made here).
     In bf16 the matmuls accumulate in fp32 (`_einsum`) and the logits come from the bf16
     output projection, so they differ from `__call__`'s fp32 logits by bf16 rounding.
