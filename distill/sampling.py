@@ -149,6 +149,12 @@ def sample_with_noise(noise_BxG, logits_BxV, cfg: SamplingConfig):
   return token_B, logp_B, model_logp_B
 
 
+def write_column(out_BxN, i, value_B):
+  """out with column i replaced by value (cast to out's dtype): a decode loop's step output."""
+  return jax.lax.dynamic_update_slice_in_dim(out_BxN, value_B[:, None].astype(out_BxN.dtype),
+                                             i, axis=1)
+
+
 def generate(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, cfg: SamplingConfig) -> dict:
   """Samples max_new_tokens continuations of left-padded prompts. Pure; jit with cfg static.
 
@@ -172,10 +178,6 @@ def generate(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, cfg: SamplingCo
   logits_BxV, cache = model.prefill(prompt_BxP, prompt_mask_BxP, cache, last_only=True,
                                     weights=weights)
 
-  def write(out_BxN, i, value_B):
-    return jax.lax.dynamic_update_slice_in_dim(out_BxN, value_B[:, None].astype(out_BxN.dtype),
-                                               i, axis=1)
-
   # Step i draws with step_keys[i] (as sample_from_logits would), all before the loop.
   step_keys = jax.random.split(rng, N)
   noise_NxBxG = None if cfg.temperature == 0 else jax.vmap(
@@ -192,11 +194,11 @@ def generate(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, cfg: SamplingCo
     live_B = ~done_B
     token_B = jnp.where(live_B, token_B, cfg.pad_id)
     out = {
-        'tokens_BxN': write(out['tokens_BxN'], i, token_B),
-        'mask_BxN': write(out['mask_BxN'], i, live_B),
-        'logprobs_BxN': write(out['logprobs_BxN'], i, jnp.where(live_B, logp_B, 0.0)),
-        'model_logprobs_BxN': write(out['model_logprobs_BxN'], i,
-                                    jnp.where(live_B, model_logp_B, 0.0)),
+        'tokens_BxN': write_column(out['tokens_BxN'], i, token_B),
+        'mask_BxN': write_column(out['mask_BxN'], i, live_B),
+        'logprobs_BxN': write_column(out['logprobs_BxN'], i, jnp.where(live_B, logp_B, 0.0)),
+        'model_logprobs_BxN': write_column(out['model_logprobs_BxN'], i,
+                                           jnp.where(live_B, model_logp_B, 0.0)),
     }
     if cfg.eos_id is not None:
       done_B = done_B | (token_B == cfg.eos_id)

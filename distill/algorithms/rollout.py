@@ -170,10 +170,6 @@ def joint_generate(student_graphdef, student_params, teacher_graphdef, teacher_p
     caches.append(cache)
     logits.append(last_BxV)
 
-  def write(out_BxN, i, value_B):
-    return jax.lax.dynamic_update_slice_in_dim(out_BxN, value_B[:, None].astype(out_BxN.dtype),
-                                               i, axis=1)
-
   def draw(i, s_logits, t_logits):
     return choose(step_keys[jnp.minimum(i, N - 1)], s_logits.astype(jnp.float32),
                   t_logits.astype(jnp.float32))
@@ -183,6 +179,7 @@ def joint_generate(student_graphdef, student_params, teacher_graphdef, teacher_p
     i, (token_B, logp_B, flag_B), (s_cache, t_cache), done_B, out = carry
     live_B = ~done_B
     token_B = jnp.where(live_B, token_B, cfg.pad_id).astype(jnp.int32)
+    write = sampling.write_column
     out = {'tokens_BxN': write(out['tokens_BxN'], i, token_B),
            'mask_BxN': write(out['mask_BxN'], i, live_B),
            'logprobs_BxN': write(out['logprobs_BxN'], i, jnp.where(live_B, logp_B, 0.0)),
