@@ -54,11 +54,11 @@ def teacher_dir(tmp_path_factory):
   from distill.data.tokenizer import CharTokenizer
   from distill.models import get_preset
   from distill.parallel import mesh as mesh_lib
-  from distill.train import state as state_lib
+  from distill.models import sharded
   from distill.train import teacher as teacher_lib
   workdir = str(tmp_path_factory.mktemp('teacher'))
   config = get_preset('tiny', vocab_size=CharTokenizer().vocab_size)
-  params = state_lib.init_params(config, jax.random.PRNGKey(1), mesh_lib.make_mesh({'data': 1}))
+  params = sharded.init_params(config, jax.random.PRNGKey(1), mesh_lib.make_mesh({'data': 1}))
   teacher_lib.export_final(workdir, config, params)
   return workdir
 
@@ -205,13 +205,13 @@ def test_joint_generate_reproduces_generate():
   """With a rule that takes the student's sample, the two-cache loop is sampling.generate."""
   from distill.models import get_preset
   from distill.parallel import mesh as mesh_lib
-  from distill.train import state as state_lib
+  from distill.models import sharded
   mesh = mesh_lib.make_mesh({'data': 1})
   models = []
   for seed, n_layers in ((0, 2), (1, 1)):
     config = get_preset('tiny', vocab_size=13, max_seq_len=16, n_layers=n_layers)
-    models.append((state_lib.abstract_model(config)[0],
-                   state_lib.init_params(config, jax.random.PRNGKey(seed), mesh)))
+    models.append((sharded.abstract_model(config)[0],
+                   sharded.init_params(config, jax.random.PRNGKey(seed), mesh)))
   (s_graph, s_params), (t_graph, t_params) = models
   cfg = sampling.SamplingConfig(max_new_tokens=6, temperature=1.3, eos_id=3, pad_id=0)
   prompt = jnp.array([[0, 0, 5, 6], [7, 8, 9, 10], [0, 0, 0, 0]], jnp.int32)

@@ -17,7 +17,7 @@ from distill.data.hf_tokenizer import HFTokenizer
 from distill.models import ModelConfig, load_hf
 from distill.models import gguf_export
 from distill.parallel import mesh as mesh_lib
-from distill.train import state as state_lib
+from distill.models import sharded
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures', 'hf')
 Q = gguf.GGMLQuantizationType
@@ -104,7 +104,7 @@ def test_q8_0_dequantises_close_to_the_weights(llama_gqa, tmp_path):
 
 def test_q8_0_falls_back_to_f16_for_rows_not_multiple_of_32(tmp_path):
   cfg = ModelConfig(vocab_size=64, d_model=48, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=64)
-  graphdef, abstract = state_lib.abstract_model(cfg)
+  graphdef, abstract = sharded.abstract_model(cfg)
   rng = np.random.default_rng(0)   # numpy weights: no eager random-init compilation
   model = nnx.merge(graphdef, jax.tree.map(
       lambda s: jnp.asarray(rng.normal(size=s.shape), s.dtype), abstract))

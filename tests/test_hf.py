@@ -15,7 +15,7 @@ import distill  # noqa: F401  (flax config)
 from distill import convert
 from distill.models import ModelConfig, config as config_lib, hf, load_hf, save_hf
 from distill.parallel import mesh as mesh_lib
-from distill.train import state as state_lib
+from distill.models import sharded
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures', 'hf')
 FAMILIES = ('llama', 'llama_gqa', 'llama_tied', 'mistral', 'qwen2', 'qwen3', 'padded_vocab')
@@ -102,8 +102,8 @@ def test_sharded_load_reads_only_each_devices_slice(monkeypatch):
 
   monkeypatch.setattr(hf, '_open', SpyFile)
   _, params, cfg = hf.load_hf_params(fixture('llama_gqa'), mesh)
-  _, abstract = state_lib.abstract_model(cfg)
-  want = state_lib.param_shardings(abstract, mesh)
+  _, abstract = sharded.abstract_model(cfg)
+  want = sharded.param_shardings(abstract, mesh)
   for got_leaf, want_sharding in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
     assert got_leaf.sharding == want_sharding
   w_gate = params['layers']['w_gate'][...]

@@ -21,7 +21,7 @@ from distill.algorithms import cached_teacher, hidden_kd
 from distill.data import teacher_cache
 from distill.parallel import mesh as mesh_lib
 from distill.train import optimizer as opt_lib
-from distill.train import state as state_lib
+from distill.models import sharded
 from distill.train import step as step_lib
 from distill.train import teacher as teacher_lib
 from distill.train import trainer
@@ -104,7 +104,7 @@ def initial(run):
   params = random_params(run.model_config, seed=0)
   state = {'step': np.int32(0), 'rng': np.zeros(2, np.uint32), 'params': params,
            'opt_state': jax.jit(optimizer.init)(params)}
-  graphdef = state_lib.abstract_model(run.model_config)[0]
+  graphdef = sharded.abstract_model(run.model_config)[0]
   return state, step_lib.StepContext(graphdef, run.teacher_graphdef, optimizer,
                                      trainer.make_token_fn(run.config, True))
 

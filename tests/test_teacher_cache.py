@@ -15,10 +15,10 @@ from tests.helpers import small_config
 
 def random_params(model_config, seed: int, scale: float = 0.1):
   """Gaussian params in the model's layout, drawn by numpy (no RNG program to compile)."""
-  from distill.train import state as state_lib
+  from distill.models import sharded
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda a: (scale * rng.standard_normal(a.shape)).astype(a.dtype),
-                      state_lib.abstract_model(model_config)[1])
+                      sharded.abstract_model(model_config)[1])
 
 
 def export_random_teacher(workdir: str, seed: int = 1) -> str:

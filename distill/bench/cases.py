@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from distill import algorithms, sampling
 from distill.bench import flops, timing
 from distill.losses import bench as loss_bench
-from distill.models import ModelConfig, get_preset
+from distill.models import ModelConfig, get_preset, sharded
 from distill.parallel import mesh as mesh_lib
 from distill.train import config as config_lib
 from distill.train import optimizer as opt_lib
@@ -102,8 +102,8 @@ def make_setup(shapes: Shapes, chunk_size: int, seed: int = 0) -> Setup:
   rng_teacher, rng_student, rng_prompt, rng_completion = jax.random.split(
       jax.random.PRNGKey(seed), 4)
   config = bench_config(shapes, 'supervised', chunk_size)
-  teacher_graphdef, _ = state_lib.abstract_model(shapes.teacher)
-  teacher_params = state_lib.init_params(shapes.teacher, rng_teacher, mesh)
+  teacher_graphdef, _ = sharded.abstract_model(shapes.teacher)
+  teacher_params = sharded.init_params(shapes.teacher, rng_teacher, mesh)
   state, shardings, graphdef = state_lib.create_train_state(
       shapes.student, opt_lib.make_optimizer(config), rng_student, mesh)
   run = trainer.Run(config, workdir='', tokenizer=_NO_EOS_TOKENIZER, task=None, mesh=mesh,

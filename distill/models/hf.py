@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from distill.models import config as config_lib
+from distill.models import sharded
 from distill.models.config import ModelConfig
 from distill.parallel import mesh as mesh_lib
 
@@ -306,13 +307,12 @@ def load_hf_params(folder: str, mesh=None, dtype: str = 'float32'):
   mesh=None shards over all devices (fsdp). Raises before reading data if config, tensor names
   or shapes disagree.
   """
-  from distill.train import state as state_lib   # train imports models; avoid a cycle
   cfg = config_from_hf(read_config(folder), dtype)
   mesh = mesh or mesh_lib.make_mesh({'fsdp': -1})
   files = _weight_files(folder)
   expected = expected_tensors(cfg)
-  graphdef, abstract = state_lib.abstract_model(cfg)
-  shardings = state_lib.param_shardings(abstract, mesh)
+  graphdef, abstract = sharded.abstract_model(cfg)
+  shardings = sharded.param_shardings(abstract, mesh)
   with contextlib.ExitStack() as stack:
     handles = {path: stack.enter_context(_open(path)) for path in sorted(set(files.values()))}
     _check_tensors(expected, handles, files, cfg)

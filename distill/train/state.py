@@ -12,36 +12,11 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
 
-from distill.models import ModelConfig, Transformer
+from distill.models import ModelConfig
+from distill.models.sharded import abstract_model, param_shardings, random_params
 from distill.parallel import mesh as mesh_lib
-
-
-def abstract_model(model_config: ModelConfig):
-  """(graphdef, abstract params) without allocating any weights."""
-  return nnx.split(nnx.eval_shape(lambda: Transformer(model_config, rngs=nnx.Rngs(0))))
-
-
-def param_shardings(abstract_params, mesh: Mesh, rules=mesh_lib.DEFAULT_RULES):
-  """NamedShardings for params from the logical axis names the model attached."""
-  logical = nnx.get_partition_spec(abstract_params)
-  return jax.tree.map(
-      lambda leaf, spec: mesh_lib.named_sharding(leaf.shape, spec, mesh, rules),
-      abstract_params, logical,
-      is_leaf=lambda x: isinstance(x, P))
-
-
-def _init_params(model_config: ModelConfig, rng):
-  return nnx.split(Transformer(model_config, rngs=nnx.Rngs(params=rng)))[1]
-
-
-def init_params(model_config: ModelConfig, rng, mesh: Mesh):
-  """Creates params directly in their shardings (never whole on one device)."""
-  _, abstract = abstract_model(model_config)
-  shardings = param_shardings(abstract, mesh)
-  return jax.jit(_init_params, static_argnums=0, out_shardings=shardings)(model_config, rng)
 
 
 def state_shardings(abstract_state, params_sharding, mesh: Mesh):
@@ -79,7 +54,7 @@ def create_train_state(model_config: ModelConfig, optimizer: optax.GradientTrans
   init_rng, train_rng = jax.random.split(rng)
 
   def init(init_rng, train_rng, params):
-    params = _init_params(model_config, init_rng) if params is None else params
+    params = random_params(model_config, init_rng) if params is None else params
     return {'step': jnp.zeros((), jnp.int32), 'rng': train_rng, 'params': params,
             'opt_state': optimizer.init(params), 'algo': algo_state_fn()}
 

@@ -8,8 +8,8 @@ import os
 
 from jax.sharding import Mesh
 
-from distill.models import ModelConfig, hf
-from distill.train import checkpoint, state as state_lib
+from distill.models import ModelConfig, hf, sharded
+from distill.train import checkpoint
 
 MODEL_FILE = 'model.json'
 PARAMS_DIR = 'params'
@@ -38,7 +38,7 @@ def load_exported(workdir: str, mesh: Mesh):
         'or at a Hugging Face checkpoint folder.')
   with open(os.path.join(workdir, MODEL_FILE)) as f:
     model_config = ModelConfig(**json.load(f))
-  graphdef, abstract = state_lib.abstract_model(model_config)
-  shardings = state_lib.param_shardings(abstract, mesh)
+  graphdef, abstract = sharded.abstract_model(model_config)
+  shardings = sharded.param_shardings(abstract, mesh)
   params = checkpoint.load_params(os.path.join(workdir, PARAMS_DIR), abstract, shardings)
   return graphdef, params, model_config
