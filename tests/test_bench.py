@@ -40,7 +40,8 @@ def test_forward_flops_follow_the_convention(name):
 
 def test_benchmark_md_totals():
   teacher, student = make_shapes(False, 'float32').teacher, make_shapes(False, 'float32').student
-  # BENCHMARK.md by hand: teacher 8 layers of 4·512² + 3·512·1536, student 4 of 4·256² + 3·256·768.
+  # The totals of experiments/bench/README.md by hand: teacher 8 layers of 4·512² + 3·512·1536,
+  # student 4 of 4·256² + 3·256·768.
   teacher_fwd = 2 * (8 * (4 * 512**2 + 3 * 512 * 1536) + 512 * 32768) + 4 * 8 * 256 * 512
   student_fwd = 2 * (4 * (4 * 256**2 + 3 * 256 * 768) + 256 * 32768) + 4 * 4 * 256 * 256
   assert flops.distill_step_flops(teacher, student, 8, 256) == 8 * 256 * (

@@ -1,4 +1,4 @@
-"""The cases of /work/shared/BENCHMARK.md, each built from the framework's own code paths.
+"""The benchmark's cases (experiments/bench/README.md), each built from the framework's code paths.
 
 The steps are the registered algorithms' steps, built and jitted as `distill.train.trainer`
 builds them (config -> token_fn, optimiser, StepContext; state from `create_train_state`,
@@ -27,7 +27,7 @@ from distill.train import step as step_lib
 from distill.train import trainer
 
 # Random weights and token ids need no tokenizer; no EOS id means no early stop, so every
-# row samples all completion tokens (BENCHMARK.md).
+# row samples all completion tokens, as the benchmark specifies.
 _NO_EOS_TOKENIZER = types.SimpleNamespace(eos_id=None, pad_id=0)
 
 
@@ -47,7 +47,7 @@ class Shapes:
 
 
 def make_shapes(small: bool, dtype: str) -> Shapes:
-  """BENCHMARK.md's shapes, or (small) tiny ones of the same structure for the harness test."""
+  """The benchmark's shapes, or (small) tiny ones of the same structure for the harness test."""
   if not small:
     return Shapes(get_preset('bench-teacher', 32768, dtype=dtype),
                   get_preset('bench-student', 32768, dtype=dtype), batch=8, prompt_len=64,
@@ -77,7 +77,7 @@ def bench_config(shapes: Shapes, algorithm: str, chunk_size: int):
 
 
 def sampling_config(shapes: Shapes) -> sampling.SamplingConfig:
-  """BENCHMARK.md's sampling: temperature 1, no early stop."""
+  """The benchmark's sampling: temperature 1, no early stop."""
   return sampling.SamplingConfig(max_new_tokens=shapes.completion_len, temperature=1.0,
                                  eos_id=None, pad_id=_NO_EOS_TOKENIZER.pad_id)
 
@@ -97,7 +97,7 @@ class Setup:
 
 
 def make_setup(shapes: Shapes, chunk_size: int, seed: int = 0) -> Setup:
-  # One device: BENCHMARK.md's figures are per chip, and its batch is the whole batch.
+  # One device: the benchmark's figures are per chip, and its batch is the whole batch.
   mesh = mesh_lib.make_mesh({'data': 1, 'fsdp': 1, 'tensor': 1})
   rng_teacher, rng_student, rng_prompt, rng_completion = jax.random.split(
       jax.random.PRNGKey(seed), 4)
@@ -126,7 +126,7 @@ def algorithm_step_fn(setup: Setup, name: str):
   algorithm = algorithms.get(name)(config, setup.run)
   algorithm.validate()
   if name == 'gkd' and algorithm.sampling != sampling_config(setup.shapes):
-    raise RuntimeError(f'gkd samples with {algorithm.sampling}, not BENCHMARK.md\'s '
+    raise RuntimeError(f'gkd samples with {algorithm.sampling}, not the benchmark\'s '
                        f'{sampling_config(setup.shapes)}')
   ctx = step_lib.StepContext(
       student_graphdef=setup.graphdef, teacher_graphdef=setup.run.teacher_graphdef,

@@ -1,4 +1,6 @@
-"""`python -m distill.bench` (`make bench`): every case of BENCHMARK.md, one JSON line each.
+"""`python -m distill.bench` (`make bench`): every benchmark case, one JSON line each.
+
+What the cases measure and how to read the fields: experiments/bench/README.md.
 
     python -m distill.bench [--cases=offpolicy_step,onpolicy_step,generate,loss_memory]
         [--steps=5] [--warmup=1] [--small] [--dtype=float32|bfloat16] [--chunk_size=512]
@@ -17,8 +19,8 @@ recompiles), peak_mem_bytes with peak_mem_source ('device' allocator peak where 
 reports one, else 'xla_memory_analysis' of the compiled step), plus versions and the device.
 step_cpu_s_median is the process's CPU time per step (all threads; less sensitive to other
 processes than wall time). onpolicy_step adds ratio_to_offpolicy (in matmul units: drift-corrected) and ratio_to_offpolicy_s
-(in seconds). loss_memory compiles only (the plain form needs ~28 GB at full size) and reports
-XLA's memory analysis: *_peak_bytes (arguments + outputs + temporaries), *_temp_bytes and ratios.
+(in seconds). loss_memory compiles only (the plain form's footprint at full size is several
+GB) and reports XLA's memory analysis: *_peak_bytes (arguments + outputs + temporaries), *_temp_bytes and ratios.
 """
 from __future__ import annotations
 

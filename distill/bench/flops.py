@@ -1,4 +1,4 @@
-"""FLOP counts of /work/shared/BENCHMARK.md's convention, and known accelerator peaks.
+"""FLOP counts of the benchmark's convention (experiments/bench/README.md), and device peaks.
 
 Convention (matrix multiplications only): a forward pass costs, per token,
   2 × (non-embedding weight matrices + output projection) + 4 × layers × seq_len × d_model

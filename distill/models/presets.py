@@ -30,7 +30,7 @@ PRESETS = {
     'teacher-20m': _arch(384, 12, 6, 6, 1024),
     'teacher-100m': _arch(768, 14, 12, 12, 2048),
     'teacher-300m': _arch(1024, 24, 16, 8, 3072),
-    # Shapes of shared/BENCHMARK.md (Llama-style, untied, q = kv heads).
+    # The benchmark's shapes (experiments/bench/README.md; Llama-style, untied, q = kv heads).
     'bench-teacher': _arch(512, 8, 8, 8, 1536),
     'bench-student': _arch(256, 4, 4, 4, 768),
 }

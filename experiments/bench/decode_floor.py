@@ -5,7 +5,7 @@ the rate at which this CPU streams it, next to the measured `generate`.
 
 At batch 8 a decode step does ~27 FLOP per fp32 weight it reads (2 per row), so it is bound by
 reading every matmul weight, the output projection and the whole KV cache once per step. The
-script counts those bytes for the benchmark student (BENCHMARK.md's shapes), measures two
+script counts those bytes for the benchmark student (the shapes of README.md), measures two
 streaming rates in this process — the output projection alone ([8, D] x [D, V] in a compiled
 loop: the best-streaming kernel of the step) and a plain sum over a buffer of the step's size —
 and prints the step time and tokens/s those rates allow, with `generate` timed in between

@@ -2,11 +2,11 @@
 
     .venv/bin/python experiments/bench/profile_step.py [--small] [--steps=3] [--out=FILE]
 
-Parts of the step, at BENCHMARK.md's shapes, built from the same framework functions the step
-calls (model_outputs, the loss's value-and-grad from distill.losses.bench, apply_gradients):
-teacher trunk forward, student trunk forward and forward+backward, the loss's value and gradient
-w.r.t. the student's hidden states and projection (plain and chunked), the optimiser update; then
-the whole step (plain and chunked loss). Sampling: prefill, one decode step, one sampling draw,
+Parts of the step, at the benchmark's shapes (README.md), built from the same framework
+functions the step calls (model_outputs, the loss's value-and-grad from distill.losses.bench,
+apply_gradients): teacher trunk forward, student trunk forward and forward+backward, the loss's
+value and gradient w.r.t. the student's hidden states and projection (plain and chunked), the
+optimiser update; then the whole step (plain and chunked loss). Sampling: prefill, one decode step, one sampling draw,
 and the whole generate call. Prints a table and appends JSON lines to --out.
 """
 import argparse
