@@ -286,7 +286,7 @@ def test_shards_disjoint_and_complete(shuffle):
 
 def test_eval_iterator_pads_and_stays_in_lockstep():
   task, count, B = numbered_task(11), 2, 4
-  per_shard = []
+  per_shard, padding_rows = [], 0
   for shard in range(count):
     batches = list(make_eval_iterator(task, TOK, prompt_len=4, completion_len=3, batch_size=B,
                                       shard_index=shard, shard_count=count))
@@ -295,7 +295,9 @@ def test_eval_iterator_pads_and_stays_in_lockstep():
       for row in range(B):
         if not b['input_mask'][row].any():  # padding rows carry nothing
           assert not b['loss_mask'][row].any() and (b['tokens'][row] == TOK.pad_id).all()
+          padding_rows += 1
     per_shard.append(batches)
+  assert padding_rows == 2 * 2 * B - 11   # 2 shards x 2 batches of B rows hold the 11 examples
   assert len(per_shard[0]) == len(per_shard[1]) == 2  # ceil(ceil(11/2)/4)
   ids = [i for batches in per_shard for b in batches for i in row_ids(b)]
   assert sorted(ids) == list(range(11))

@@ -92,6 +92,8 @@ def test_q8_0_dequantises_close_to_the_weights(llama_gqa, tmp_path):
   gguf_export.export_gguf(llama_gqa, exact_path, file_type='f32')
   gguf_export.export_gguf(llama_gqa, q8_path, file_type='q8_0')
   exact, q8 = tensors(gguf.GGUFReader(exact_path)), tensors(gguf.GGUFReader(q8_path))
+  quantised = [name for name, t in q8.items() if t.tensor_type == Q.Q8_0]
+  assert quantised   # else the loop below checks nothing
   for name, t in q8.items():
     if t.tensor_type != Q.Q8_0:
       continue

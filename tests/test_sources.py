@@ -27,6 +27,7 @@ def tokenizer(style):
 def test_encodings_equal_tokenizers_and_transformers(style):
   tok = tokenizer(style)
   raw = Tokenizer.from_file(os.path.join(FIXTURES, style, 'tokenizer.json'))
+  assert REFERENCE[style]['texts']   # an empty fixture would make the loop check nothing
   for text, want in REFERENCE[style]['texts'].items():
     assert tok.encode(text) == want == raw.encode(text, add_special_tokens=False).ids, text
 
@@ -69,6 +70,7 @@ def test_missing_tokenizer_files(tmp_path):
 @pytest.mark.parametrize('style', STYLES)
 def test_chat_rendering_equals_transformers(style):
   template = tokenizer(style).chat_template
+  assert REFERENCE[style]['chats']   # an empty fixture would make the loop check nothing
   for chat in REFERENCE[style]['chats']:
     messages = chat['messages']
     assert template.render(messages) == chat['full']
