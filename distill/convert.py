@@ -4,20 +4,25 @@
   python -m distill.convert distill-to-hf --src=WORKDIR --out=HF_FOLDER --tokenizer=HF_FOLDER \
       [--architecture=Qwen3ForCausalLM]
   python -m distill.convert to-gguf --src=WORKDIR_OR_HF_FOLDER --out=model.gguf \
-      [--type=q8_0] [--tokenizer=HF_FOLDER] [--arch=llama]
+      [--type=q4_k_m] [--tokenizer=HF_FOLDER|char] [--arch=llama]
 
 A distill run export is `WORKDIR/model.json` + `WORKDIR/params/` (distill.train.teacher); that is
 what a finished run leaves and what `teacher.checkpoint` reads, so an HF teacher converted with
 hf-to-distill can be used as a teacher directly. Weights are sharded over all local devices.
+to-gguf takes the tokenizer from --tokenizer ('char': the embedded tasks' CharTokenizer), else
+from the source: an HF folder's tokenizer.json, or the tokenizer a run's config.json names.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import warnings
 
 from flax import nnx
 
+from distill.data.tokenizer import CharTokenizer
 from distill.models import gguf_export, hf
 from distill.parallel import mesh as mesh_lib
 from distill.train import teacher
@@ -53,13 +58,34 @@ def distill_to_hf(args):
   print(f'wrote {args.out}')
 
 
+def _source_tokenizer(src: str):
+  """The tokenizer that goes with `src`: an HF folder's own, or the one a run was trained with
+  (its config.json's `tokenizer`: '' for the CharTokenizer, else an HF folder); None if unknown."""
+  if os.path.isfile(os.path.join(src, 'tokenizer.json')):
+    return src
+  run_config = os.path.join(src, 'config.json')
+  if teacher.has_export(src) and os.path.isfile(run_config):
+    with open(run_config) as f:
+      name = json.load(f).get('tokenizer')
+    if name is not None:
+      return name or CharTokenizer()
+  return None
+
+
 def to_gguf(args):
+  file_type = gguf_export.file_type_key(args.type)   # a typo fails before the model loads
   model = _load_any(args.src, args.dtype)
-  tokenizer = args.tokenizer
-  if tokenizer is None and os.path.isfile(os.path.join(args.src, 'tokenizer.json')):
-    tokenizer = args.src
-  written = gguf_export.export_gguf(model, args.out, tokenizer=tokenizer, file_type=args.type,
-                                    arch=args.arch, tokenizer_pre=args.tokenizer_pre)
+  tokenizer = (CharTokenizer() if args.tokenizer == 'char' else
+               args.tokenizer or _source_tokenizer(args.src))
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always', gguf_export.TypeFallbackWarning)
+    written = gguf_export.export_gguf(model, args.out, tokenizer=tokenizer, file_type=file_type,
+                                      arch=args.arch, tokenizer_pre=args.tokenizer_pre)
+  for warning in caught:
+    if issubclass(warning.category, gguf_export.TypeFallbackWarning):
+      print(f'warning: {warning.message}', file=sys.stderr)
+    else:
+      warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
   counts = {t: list(written.values()).count(t) for t in sorted(set(written.values()))}
   print(f'wrote {args.out}: {len(written)} tensors {counts}'
         + ('' if tokenizer else ' (no tokenizer: llama.cpp cannot tokenize text for it)'))
@@ -78,12 +104,16 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument('--out', required=True)
     c.add_argument('--dtype', default='float32', choices=hf.LOAD_DTYPES,
                    help='dtype to load HF weights in')
-    if name != 'hf-to-distill':
+    if name == 'distill-to-hf':
       c.add_argument('--tokenizer', default=None, help='HF tokenizer folder to include')
     if name == 'distill-to-hf':
       c.add_argument('--architecture', default=None, choices=hf.ARCHITECTURES)
     if name == 'to-gguf':
-      c.add_argument('--type', default='f16', choices=list(gguf_export.FILE_TYPES))
+      c.add_argument('--tokenizer', default=None,
+                     help="HF tokenizer folder to include, or 'char' for the CharTokenizer "
+                          "(default: the source's, see above)")
+      c.add_argument('--type', default='f16',
+                     help=f'one of {", ".join(gguf_export.FILE_TYPES)}, any case')
       c.add_argument('--arch', default=None, choices=list(gguf_export.ARCHS))
       c.add_argument('--tokenizer-pre', default=None,
                      help="llama.cpp pre-tokenizer name (default: recognised or 'default')")

@@ -1,5 +1,9 @@
-"""GGUF export read back with gguf.GGUFReader: names, shapes, types, metadata, q8_0 accuracy, and a
-numpy forward pass with llama.cpp's conventions that must reproduce transformers' logits."""
+"""GGUF export read back with gguf.GGUFReader: names, shapes, types, metadata, the quantizers
+(bit-for-bit against gguf's and pinned to llama.cpp's bytes, error bounds through gguf's
+dequantizer), llama-quantize's type mix, the CharTokenizer vocabulary, and a numpy forward pass
+with llama.cpp's conventions that must reproduce transformers' logits."""
+import ctypes
+import hashlib
 import json
 import os
 
@@ -9,15 +13,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 import distill  # noqa: F401  (flax config)
 from distill import convert
 from distill.data.hf_tokenizer import HFTokenizer
-from distill.models import ModelConfig, load_hf
-from distill.models import gguf_export
+from distill.data.tokenizer import CharTokenizer
+from distill.models import ModelConfig, get_preset, load_hf
+from distill.models import gguf_export, gguf_quants
 from distill.parallel import mesh as mesh_lib
 from distill.models import sharded
+from distill.train import teacher
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures', 'hf')
 Q = gguf.GGMLQuantizationType
@@ -39,6 +45,13 @@ def field(reader, key):
 
 def tensors(reader):
   return {t.name: t for t in reader.tensors}
+
+
+def random_model(cfg):
+  graphdef, abstract = sharded.abstract_model(cfg)
+  rng = np.random.default_rng(0)   # numpy weights: no eager random-init compilation
+  return nnx.merge(graphdef, jax.tree.map(
+      lambda s: jnp.asarray(rng.normal(size=s.shape), s.dtype), abstract))
 
 
 @pytest.fixture(scope='module')
@@ -105,16 +118,282 @@ def test_q8_0_dequantises_close_to_the_weights(llama_gqa, tmp_path):
 
 
 def test_q8_0_falls_back_to_f16_for_rows_not_multiple_of_32(tmp_path):
-  cfg = ModelConfig(vocab_size=64, d_model=48, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=64)
-  graphdef, abstract = sharded.abstract_model(cfg)
-  rng = np.random.default_rng(0)   # numpy weights: no eager random-init compilation
-  model = nnx.merge(graphdef, jax.tree.map(
-      lambda s: jnp.asarray(rng.normal(size=s.shape), s.dtype), abstract))
-  written = gguf_export.export_gguf(model, str(tmp_path / 'm.gguf'), file_type='q8_0')
+  model = random_model(ModelConfig(vocab_size=64, d_model=48, n_layers=1, n_heads=2,
+                                   n_kv_heads=2, d_ff=64))
+  with pytest.warns(gguf_export.TypeFallbackWarning) as caught:
+    written = gguf_export.export_gguf(model, str(tmp_path / 'm.gguf'), file_type='q8_0')
   assert written['blk.0.attn_q.weight'] == 'F16'     # rows of d_model=48
   assert written['blk.0.ffn_down.weight'] == 'Q8_0'  # rows of d_ff=64
+  assert ('blk.0.attn_q.weight: rows of 48 are not a multiple of 32 (Q8_0); written as F16'
+          in [str(w.message) for w in caught])
+  assert len(caught) == sum(t == 'F16' for t in written.values())
   reader = gguf.GGUFReader(str(tmp_path / 'm.gguf'))
   assert field(reader, 'tokenizer.ggml.model') == 'none'
+
+
+# ---- quantizers ----------------------------------------------------------------------------------
+
+BLOCK_BOUND = {Q.Q4_K: 1 / 8, Q.Q5_K: 1 / 16, Q.Q6_K: 1 / 40}   # K-quant error / block's max |x|
+
+
+def awkward_rows(seed):
+  """[rows, 512] float32 inputs by name: random, and the cases quantizers get wrong."""
+  rng = np.random.default_rng(seed)
+  normal = rng.normal(size=(6, 512)).astype(np.float32)
+  outliers = normal.copy()
+  outliers.reshape(-1)[rng.choice(outliers.size, 5, replace=False)] *= 1e4
+  return {'normal': normal,
+          'heavy_tailed': rng.standard_t(2, size=(6, 512)).astype(np.float32),
+          'zeros': np.zeros((6, 512), np.float32),
+          'constant_rows': np.repeat(rng.normal(size=(6, 1)).astype(np.float32) * 10, 512, 1),
+          'outliers_x1e4': outliers,
+          'negative_only': -np.abs(normal),
+          'positive_offset': np.abs(normal) + 5,
+          'sparse': np.where(rng.random((6, 512)) < 0.95, 0, normal).astype(np.float32)}
+
+
+def integer_rows_8x512():
+  """Inputs built with exact float32 arithmetic only (no libm), so their bytes are the same on
+  every machine: hashed integers / 4096, then negative-only, zero, constant, outlier, tiny and
+  integer-valued (tie-rounding) rows."""
+  i = np.arange(8 * 512, dtype=np.int64)
+  x = (((i * 2654435761) % 65521 - 32760) / 4096).astype(np.float32).reshape(8, 512)
+  x[1] = -np.abs(x[1])
+  x[2] = 0
+  x[3] = x[3, 0]
+  x[4, ::97] *= 1024
+  x[5] *= np.float32(2.0**-20)
+  x[6] = np.round(x[6])
+  return x
+
+
+# sha256 prefixes of llama.cpp's own bytes for integer_rows_8x512(), from ggml_quantize_chunk of
+# llama-cpp-python 0.3.36's libggml-base (experiments/gguf_quant_parity); ours must equal them.
+LLAMA_CPP_SHA256 = {Q.Q8_0: 'b4d08da85a693d63', Q.Q4_0: '21c85a12b6b19b9b',
+                    Q.Q4_K: '1fd83323a78d07f9', Q.Q5_K: '3fdc823f3c9fb4be',
+                    Q.Q6_K: 'add0d61fc8f836b1'}
+
+
+@pytest.mark.parametrize('qtype', [Q.Q8_0, Q.Q4_0])
+@pytest.mark.parametrize('seed', range(3))
+def test_q8_0_q4_0_equal_gguf_bit_for_bit(qtype, seed):
+  for name, x in awkward_rows(seed).items():
+    np.testing.assert_array_equal(gguf_quants.quantize(x, qtype), gguf.quants.quantize(x, qtype),
+                                  err_msg=name)
+
+
+@pytest.mark.parametrize('qtype', list(LLAMA_CPP_SHA256))
+def test_quantizers_write_llama_cpp_bytes(qtype):
+  got = gguf_quants.quantize(integer_rows_8x512(), qtype)
+  assert hashlib.sha256(got.tobytes()).hexdigest()[:16] == LLAMA_CPP_SHA256[qtype]
+
+
+@pytest.mark.parametrize('qtype', list(LLAMA_CPP_SHA256))
+def test_quantizers_equal_installed_llama_cpp(qtype):
+  """Same bytes as the llama.cpp of llama-cpp-python (optional), on random and awkward rows."""
+  llama_cpp = pytest.importorskip('llama_cpp')
+  lib = ctypes.CDLL(os.path.join(os.path.dirname(llama_cpp.__file__), 'lib', 'libggml-base.so'))
+  lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+  lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                      ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                      ctypes.c_void_p]
+  for name, x in awkward_rows(0).items():
+    want = np.zeros_like(gguf_quants.quantize(x, qtype))
+    lib.ggml_quantize_chunk(int(qtype), x.ctypes.data, want.ctypes.data, 0, *x.shape, None)
+    np.testing.assert_array_equal(gguf_quants.quantize(x, qtype), want, err_msg=name)
+
+
+@pytest.mark.parametrize('qtype', list(LLAMA_CPP_SHA256))
+def test_quantisation_error_within_llama_cpp_threshold(qtype):
+  """llama.cpp's test-quantize-fns: 4096 values 0.1 + 2 cos(i), sqrt(sum err^2) / n < 0.002."""
+  x = (0.1 + 2 * np.cos(np.arange(4096))).astype(np.float32)[None]
+  err = gguf.quants.dequantize(gguf_quants.quantize(x, qtype), qtype) - x
+  assert np.sqrt(np.sum(err.astype(np.float64) ** 2)) / x.size < 0.002
+
+
+@pytest.mark.parametrize('qtype', list(BLOCK_BOUND))
+@pytest.mark.parametrize('seed', range(3))
+def test_k_quants_round_trip_on_awkward_rows(qtype, seed):
+  """Through gguf's dequantizer: zeros stay exact zeros, a constant row comes back to fp16
+  precision, and no value is further from its input than a fraction of its block's largest
+  |value| (half a level step of the sub-block's range, plus its 6/8-bit scale's rounding)."""
+  for name, x in awkward_rows(seed).items():
+    back = gguf.quants.dequantize(gguf_quants.quantize(x, qtype), qtype)
+    assert np.isfinite(back).all(), name
+    if name == 'zeros':
+      assert not back.any()
+    if name == 'constant_rows':
+      np.testing.assert_allclose(back, x, rtol=2.0**-10)
+    err_Nx256 = np.abs(back - x).reshape(-1, 256)
+    amax_Nx1 = np.abs(x).reshape(-1, 256).max(1, keepdims=True)
+    assert (err_Nx256 <= BLOCK_BOUND[qtype] * amax_Nx1).all(), name
+
+
+def test_quantize_rejects_rows_not_multiple_of_the_block():
+  with pytest.raises(ValueError, match='Q4_K needs rows that are a multiple of 256, got 320'):
+    gguf_quants.quantize(np.zeros((2, 320), np.float32), Q.Q4_K)
+
+
+# ---- llama-quantize's type mix -------------------------------------------------------------------
+
+def mix(file_type, n_layers, names, has_output=True, cols=256):
+  return {n: gguf_export.tensor_type(n, (64, cols), file_type, n_layers, has_output)[0].name
+          for n in names}
+
+
+def test_use_more_bits_layers():
+  """First and last eighth, and every third layer from n/8 + 2 (llama.cpp's use_more_bits)."""
+  more = lambda n: {i for i in range(n) if gguf_export._use_more_bits(i, n)}  # noqa: E731
+  assert more(8) == {0, 3, 6, 7}
+  assert more(32) == {0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31}
+  assert more(2) == {1}    # n/8 = 0: only the "last eighth", layers >= 7*2/8 = 1
+  assert more(1) == {0}
+
+
+@pytest.mark.parametrize('file_type,base', [('q4_k_m', 'Q4_K'), ('q5_k_m', 'Q5_K')])
+def test_k_m_mix(file_type, base):
+  names = [f'blk.{l}.{t}.weight' for l in range(8) for t in LAYER_TENSORS if 'norm' not in t]
+  got = mix(file_type, 8, names + ['output.weight', 'token_embd.weight'])
+  for name, qtype in got.items():
+    layer = int(name.split('.')[1]) if name.startswith('blk.') else None
+    more_bits = layer in (0, 3, 6, 7) and name.endswith(('attn_v.weight', 'ffn_down.weight'))
+    want = 'Q6_K' if more_bits or name == 'output.weight' else base
+    assert qtype == want, name
+  # Tied embeddings: token_embd is the output matrix and gets its type.
+  assert mix(file_type, 8, ['token_embd.weight'], has_output=False) == {'token_embd.weight': 'Q6_K'}
+
+
+def test_plain_types_mix():
+  names = ['blk.0.attn_v.weight', 'blk.0.ffn_down.weight', 'token_embd.weight', 'output.weight']
+  assert set(mix('q6_k', 8, names).values()) == {'Q6_K'}
+  assert set(mix('q8_0', 8, names).values()) == {'Q8_0'}
+  assert set(mix('f16', 8, names).values()) == {'F16'}
+  assert mix('q4_0', 8, names) == {**dict.fromkeys(names, 'Q4_0'), 'output.weight': 'Q6_K'}
+  # Output rows that do not fit the file type's block: Q8_0, as a rule rather than a fallback.
+  assert gguf_export.tensor_type('output.weight', (64, 96), 'q4_k_m', 8, True) == (Q.Q8_0, None)
+  for file_type in gguf_export.FILE_TYPES:
+    assert gguf_export.tensor_type('blk.0.attn_norm.weight', (64,), file_type, 8, True) == (
+        Q.F32, None)
+
+
+def test_fallbacks_for_rows_that_do_not_fit():
+  fallback = lambda t, cols: gguf_export.tensor_type(  # noqa: E731
+      'blk.1.attn_q.weight', (64, cols), t, 8, True)
+  assert fallback('q4_k_m', 64) == (Q.Q5_0, Q.Q4_K)
+  assert fallback('q5_k_m', 64) == (Q.Q5_1, Q.Q5_K)
+  assert fallback('q6_k', 64) == (Q.Q8_0, Q.Q6_K)
+  assert fallback('q4_k_m', 48) == (Q.F16, Q.Q4_K)
+  assert fallback('q4_0', 48) == (Q.F16, Q.Q4_0)
+
+
+def test_q4_k_m_export_types_and_values(tmp_path):
+  """An 8-layer model with 256-wide rows: the file holds the mix, and each matrix dequantises
+  close to the f32 export's."""
+  cfg = ModelConfig(vocab_size=32, d_model=256, n_layers=8, n_heads=2, n_kv_heads=1, d_ff=256)
+  model = random_model(cfg)
+  exact_path, q_path = str(tmp_path / 'f32.gguf'), str(tmp_path / 'q.gguf')
+  gguf_export.export_gguf(model, exact_path, file_type='f32')
+  written = gguf_export.export_gguf(model, q_path, file_type='Q4_K_M')
+  exact, got = tensors(gguf.GGUFReader(exact_path)), tensors(gguf.GGUFReader(q_path))
+  assert field(gguf.GGUFReader(q_path), 'general.file_type') == gguf.LlamaFileType.MOSTLY_Q4_K_M
+  assert {n: t.tensor_type.name for n, t in got.items()} == written
+  for name, t in got.items():
+    assert written[name] == mix('q4_k_m', 8, [name])[name] if t.data.ndim > 1 else 'F32'
+    w = np.asarray(exact[name].data)
+    back = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(w.shape)
+    if t.tensor_type in BLOCK_BOUND:
+      amax = np.abs(w).reshape(-1, 256).max(1, keepdims=True)
+      assert (np.abs(back - w).reshape(-1, 256) <= BLOCK_BOUND[t.tensor_type] * amax).all(), name
+  assert written['blk.3.attn_v.weight'] == 'Q6_K' and written['blk.4.attn_v.weight'] == 'Q4_K'
+
+
+def test_fallback_warnings_name_tensor_and_types(tmp_path):
+  """The quickstart student's widths (rows of 64 and 192) at q4_k_m: every K-quant falls back."""
+  model = random_model(ModelConfig(vocab_size=46, d_model=64, n_layers=1, n_heads=4,
+                                   n_kv_heads=4, d_ff=192))
+  with pytest.warns(gguf_export.TypeFallbackWarning) as caught:
+    written = gguf_export.export_gguf(model, str(tmp_path / 'm.gguf'), file_type='q4_k_m')
+  messages = {str(w.message) for w in caught}
+  assert 'blk.0.attn_q.weight: rows of 64 are not a multiple of 256 (Q4_K); written as Q5_0' \
+      in messages
+  assert 'blk.0.ffn_down.weight: rows of 192 are not a multiple of 256 (Q6_K); written as Q8_0' \
+      in messages
+  assert written['output.weight'] == 'Q8_0'   # the output rule, not a fallback: no warning
+  assert len(messages) == len([n for n, t in written.items() if t in ('Q5_0', 'Q8_0')]) - 1
+
+
+# ---- the embedded tasks' CharTokenizer ----------------------------------------------------------
+
+def finished_run(folder, cfg):
+  """A workdir as a run on the embedded tasks leaves it: model.json + params/ + config.json."""
+  teacher.export_final(str(folder), cfg, nnx.state(random_model(cfg), nnx.Param))
+  (folder / 'config.json').write_text(json.dumps({'tokenizer': ''}))
+  return str(folder)
+
+
+def test_quickstart_student_converts_with_its_char_tokenizer(tmp_path, capsys):
+  tok = CharTokenizer()
+  cfg = get_preset('student-100k', vocab_size=tok.vocab_size)
+  out = str(tmp_path / 'student.gguf')
+  src = finished_run(tmp_path / 'run', cfg)
+  assert convert.main(['to-gguf', '--src', src, '--out', out, '--type', 'q4_k_m']) == 0
+  assert 'warning: blk.0.attn_q.weight: rows of 64 are not a multiple of 256 (Q4_K); written ' \
+      'as Q5_0' in capsys.readouterr().err
+  reader = gguf.GGUFReader(out)
+  assert (field(reader, 'tokenizer.ggml.model'), field(reader, 'tokenizer.ggml.pre')) == (
+      'gpt2', 'default')
+  tokens = field(reader, 'tokenizer.ggml.tokens')
+  assert tokens[:3] == ['<pad>', '<bos>', '<eos>'] and len(tokens) == tok.vocab_size
+  # Spelled in GPT-2's byte-level alphabet: decoding each token gives back its character.
+  assert [decoders.ByteLevel().decode([t]) for t in tokens[3:]] == list(tok.chars)
+  assert tokens[tok.token_id(' ')] == 'Ġ'
+  types = field(reader, 'tokenizer.ggml.token_type')
+  assert types == [gguf.TokenType.CONTROL] * 3 + [gguf.TokenType.NORMAL] * len(tok.chars)
+  assert field(reader, 'tokenizer.ggml.merges') == ['<pad> <eos>']   # never applies
+  assert [field(reader, f'tokenizer.ggml.{k}') for k in (
+      'bos_token_id', 'eos_token_id', 'padding_token_id', 'add_bos_token')] == [1, 2, 0, True]
+  for name, t in tensors(reader).items():
+    assert t.tensor_type == gguf_export.tensor_type(
+        name, tuple(reversed(t.shape.tolist())), 'q4_k_m', cfg.n_layers, True)[0], name
+
+
+def test_cli_tokenizer_choice_and_unknown_type(tmp_path, capsys):
+  cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=64)
+  src, out = finished_run(tmp_path / 'run', cfg), str(tmp_path / 'm.gguf')
+  assert convert.main(['to-gguf', '--src', src, '--out', out, '--type', 'bogus']) == 1
+  assert "unknown GGUF file type 'bogus'; known: f32, f16" in capsys.readouterr().err
+  # A model vocabulary larger than the tokenizer's: the extra ids are '[PAD{i}]'.
+  assert convert.main(['to-gguf', '--src', src, '--out', out, '--tokenizer', 'char']) == 0
+  tokens = field(gguf.GGUFReader(out), 'tokenizer.ggml.tokens')
+  assert tokens[45] == 'z' and tokens[46:] == [f'[PAD{i}]' for i in range(46, 64)]
+  # A run on an HF tokenizer names its folder in config.json.
+  (tmp_path / 'run' / 'config.json').write_text(json.dumps({'tokenizer': fixture('llama_gqa')}))
+  assert convert.main(['to-gguf', '--src', src, '--out', out]) == 1
+  assert 'tokenizer has 150 tokens, the model only 64' in capsys.readouterr().err
+
+
+def test_llama_cpp_runs_the_char_tokenizer_export(tmp_path):
+  """llama.cpp (llama-cpp-python, optional) tokenizes as CharTokenizer and greedily generates
+  what the model itself would, from the f32 file; the q4_k_m file loads and generates."""
+  llama_cpp = pytest.importorskip('llama_cpp')
+  tok = CharTokenizer()
+  cfg = get_preset('student-100k', vocab_size=tok.vocab_size)
+  model = random_model(cfg)
+  prompt = '12+34='
+  ids = [tok.bos_id] + tok.encode(prompt)
+  for _ in range(8):   # the model's own greedy continuation
+    ids.append(int(np.argmax(np.asarray(model(jnp.asarray([ids])))[0, -1])))
+  for file_type in ('f32', 'q4_k_m'):
+    path = str(tmp_path / f'{file_type}.gguf')
+    gguf_export.export_gguf(model, path, tokenizer=tok, file_type=file_type)
+    llm = llama_cpp.Llama(model_path=path, n_ctx=64, n_threads=1, verbose=False,
+                          type_k=0, type_v=0)
+    assert llm.tokenize(prompt.encode(), add_bos=True) == ids[:len(prompt) + 1]
+    got = llm.create_completion(prompt, max_tokens=8, temperature=0.0)['choices'][0]['text']
+    if file_type == 'f32':
+      assert got == tok.decode(ids[len(prompt) + 1:])
+    else:
+      assert set(got) <= set(tok.chars)
 
 
 # ---- llama.cpp conventions, in numpy -------------------------------------------------------------
@@ -252,7 +531,8 @@ def test_pre_tokenizer_recognised_from_split_regex(llama_gqa, tmp_path):
 
 
 def test_export_errors(llama_gqa, tmp_path):
-  with pytest.raises(ValueError, match='file_type'):
+  with pytest.raises(ValueError, match="unknown GGUF file type 'q4_k'; known: f32, f16, q8_0, "
+                                       "q6_k, q5_k_m, q4_k_m, q4_0"):
     gguf_export.export_gguf(llama_gqa, str(tmp_path / 'a.gguf'), file_type='q4_k')
   with pytest.raises(ValueError, match="'qwen3' does not match"):
     gguf_export.export_gguf(llama_gqa, str(tmp_path / 'a.gguf'), arch='qwen3')

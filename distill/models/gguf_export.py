@@ -9,12 +9,14 @@ what llama.cpp's convert_hf_to_gguf.py writes. Two conventions follow that conve
   permutes the rows of q_proj and k_proj (weights and biases) within each head,
   reshape(heads, 2, Dh/2, ...).swapaxes(1, 2); the dot products q.k are unchanged. 'qwen2' and
   'qwen3' use LLAMA_ROPE_TYPE_NEOX (rotate_half) and their converter copies q/k as they are.
-* Types. 1-D tensors (norms, biases) stay F32; 2-D weights are F32, F16 or Q8_0. Q8_0 needs rows
-  that are a multiple of 32; other rows fall back to F16, as llama.cpp does.
+* Types. 1-D tensors (norms, biases) stay F32. 2-D weights follow llama-quantize's per-tensor mix
+  for the file type (`tensor_type`), quantised by distill.models.gguf_quants to the bytes
+  llama.cpp's reference quantizer writes.
 
 The vocabulary is written as llama.cpp's 'gpt2' (byte-level BPE) tokenizer: tokens, types,
 merges, special ids and the chat template, with ids the model has beyond the tokenizer written as
-'[PAD{i}]' (as the converter does). llama.cpp does not run tokenizer.json's pre-tokenizer; it
+'[PAD{i}]' (as the converter does). The embedded tasks' CharTokenizer is written the same way,
+one token per character and no merges that apply (`_char_vocab`). llama.cpp does not run tokenizer.json's pre-tokenizer; it
 picks a built-in one by the name in tokenizer.ggml.pre, which is recognised here from the split
 regex (Llama 3 'llama-bpe', Qwen2/2.5/3 'qwen2', plain byte-level 'gpt-2') or given explicitly.
 Run the file with e.g. `llama-cli -m student.gguf -cnv` (the chat template is in the file).
@@ -22,20 +24,33 @@ Run the file with e.g. `llama-cli -m student.gguf -cnv` (the chat template is in
 from __future__ import annotations
 
 import json
+import re
+import warnings
 
 import gguf
 import jax
 import numpy as np
 from flax import nnx
+from tokenizers import pre_tokenizers
 
-from distill.models import hf
+from distill.data.tokenizer import BOS, EOS, PAD, CharTokenizer
+from distill.models import gguf_quants, hf
 from distill.models.config import ModelConfig
 
+Q = gguf.GGMLQuantizationType
+# --type name -> (general.file_type, the type of the tensors the mix leaves alone).
 FILE_TYPES = {
-    'f32': (gguf.LlamaFileType.ALL_F32, gguf.GGMLQuantizationType.F32),
-    'f16': (gguf.LlamaFileType.MOSTLY_F16, gguf.GGMLQuantizationType.F16),
-    'q8_0': (gguf.LlamaFileType.MOSTLY_Q8_0, gguf.GGMLQuantizationType.Q8_0),
+    'f32': (gguf.LlamaFileType.ALL_F32, Q.F32),
+    'f16': (gguf.LlamaFileType.MOSTLY_F16, Q.F16),
+    'q8_0': (gguf.LlamaFileType.MOSTLY_Q8_0, Q.Q8_0),
+    'q6_k': (gguf.LlamaFileType.MOSTLY_Q6_K, Q.Q6_K),
+    'q5_k_m': (gguf.LlamaFileType.MOSTLY_Q5_K_M, Q.Q5_K),
+    'q4_k_m': (gguf.LlamaFileType.MOSTLY_Q4_K_M, Q.Q4_K),
+    'q4_0': (gguf.LlamaFileType.MOSTLY_Q4_0, Q.Q4_0),
 }
+# llama.cpp's replacement for a type whose block does not divide a tensor's rows; F16 when the
+# replacement does not fit either.
+_FALLBACK = {Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
 ARCHS = {'llama': gguf.MODEL_ARCH.LLAMA, 'qwen2': gguf.MODEL_ARCH.QWEN2,
          'qwen3': gguf.MODEL_ARCH.QWEN3}
 # llama.cpp pre-tokenizer names of known byte-level BPE split regexes (Llama 3, Qwen2/2.5/3).
@@ -84,13 +99,71 @@ def gguf_tensors(params, cfg: ModelConfig, arch: str) -> dict[str, np.ndarray]:
   return out
 
 
-def _encode(value: np.ndarray, qtype) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
-  """(data, type) of one tensor under the requested 2-D type."""
-  if value.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
-    return value, gguf.GGMLQuantizationType.F32
-  if qtype == gguf.GGMLQuantizationType.Q8_0 and value.shape[-1] % 32 == 0:
-    return gguf.quants.quantize(value, qtype), qtype
-  return value.astype(np.float16), gguf.GGMLQuantizationType.F16
+class TypeFallbackWarning(UserWarning):
+  """A tensor written in another type than the mix gives it, because its rows do not fit."""
+
+
+def file_type_key(file_type: str) -> str:
+  """The FILE_TYPES key of a --type name, any case."""
+  if file_type.lower() not in FILE_TYPES:
+    raise ValueError(f'unknown GGUF file type {file_type!r}; known: {", ".join(FILE_TYPES)}')
+  return file_type.lower()
+
+
+def _use_more_bits(layer: int, n_layers: int) -> bool:
+  """llama.cpp's layers that get more bits: the first and last eighth, and every third layer
+  in between (integer eighths, as in C)."""
+  eighth = n_layers // 8
+  return layer < eighth or layer >= 7 * n_layers // 8 or (layer - eighth) % 3 == 2
+
+
+def tensor_type(name: str, shape: tuple[int, ...], file_type: str, n_layers: int,
+                has_output: bool) -> tuple[Q, Q | None]:
+  """(type, the type it fell back from or None) of a GGUF tensor in a `file_type` file.
+
+  The rule is llama-quantize's (llama.cpp's llama_tensor_get_type) for dense models, so a file
+  written here has the types llama.cpp gives the same model from an F32 GGUF:
+  * 1-D tensors (norms, biases) are F32; f32 and f16 files store every matrix in that type.
+  * The output matrix (token_embd when it doubles as the output, i.e. no output.weight) is Q6_K
+    in every quantised type but Q8_0, where it stays Q8_0; Q8_0 when its rows do not fit the
+    file type's block.
+  * Q4_K_M and Q5_K_M: attn_v and ffn_down of layer i are Q6_K when i is in the first or last
+    eighth of the layers or (i - n_layers/8) % 3 == 2 (`_use_more_bits`); the rest are Q4_K / Q5_K.
+  * Every other matrix has the file type's own type.
+  * A type whose block does not divide the rows (the last dimension) falls back: Q4_K to Q5_0,
+    Q5_K to Q5_1, Q6_K to Q8_0, and to F16 when 32 does not divide them either.
+  llama.cpp's further rules are for mixture-of-experts, Falcon and 70B models, none of which
+  export here.
+  """
+  base = FILE_TYPES[file_type][1]
+  if len(shape) == 1 or base in (Q.F32, Q.F16):
+    return (Q.F32 if len(shape) == 1 else base), None
+  cols = shape[-1]
+  qtype = base
+  layer = re.match(r'blk\.(\d+)\.', name)
+  if name == 'output.weight' or (name == 'token_embd.weight' and not has_output):
+    if cols % gguf_quants.block_size(base):
+      qtype = Q.Q8_0
+    elif base != Q.Q8_0:
+      qtype = Q.Q6_K
+  elif (file_type in ('q4_k_m', 'q5_k_m') and layer and
+        name.endswith(('.attn_v.weight', '.ffn_down.weight')) and
+        _use_more_bits(int(layer.group(1)), n_layers)):
+    qtype = Q.Q6_K
+  if cols % gguf_quants.block_size(qtype) == 0:
+    return qtype, None
+  fallback = _FALLBACK.get(qtype, Q.F16)
+  if cols % gguf_quants.block_size(fallback):
+    fallback = Q.F16
+  return fallback, qtype
+
+
+def _encode(value: np.ndarray, qtype: Q) -> np.ndarray:
+  if qtype == Q.F32:
+    return value
+  if qtype == Q.F16:
+    return value.astype(np.float16)
+  return gguf_quants.quantize(value, qtype)
 
 
 def _pre_tokenizer_name(pre_tokenizer: dict) -> str:
@@ -106,7 +179,9 @@ def _pre_tokenizer_name(pre_tokenizer: dict) -> str:
   return 'default'
 
 
-def _tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer, vocab_size: int, pre: str | None):
+def _hf_vocab(tokenizer) -> tuple[dict[int, str], set[int], set[int], list[str], str]:
+  """(token by id, control ids, user-defined ids, merges, pre-tokenizer) of a byte-level BPE
+  HFTokenizer."""
   spec = json.loads(tokenizer.tokenizer.to_str())
   model = spec.get('model') or {}
   if model.get('type') != 'BPE' or model.get('byte_fallback') or \
@@ -114,32 +189,58 @@ def _tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer, vocab_size: int, pre
     raise ValueError(f'only byte-level BPE tokenizers (GPT-2 / Llama 3 / Qwen style) export to '
                      f'GGUF; {tokenizer.folder!r} has model {model.get("type")!r}, decoder '
                      f'{(spec.get("decoder") or {}).get("type")!r}')
-  if tokenizer.vocab_size > vocab_size:
-    raise ValueError(f'tokenizer has {tokenizer.vocab_size} tokens, the model only {vocab_size}')
   by_id = {i: t for t, i in tokenizer.tokenizer.get_vocab(with_added_tokens=True).items()}
   added = tokenizer.tokenizer.get_added_tokens_decoder()
+  control = {i for i, t in added.items() if t.special}
+  merges = [m if isinstance(m, str) else ' '.join(m) for m in model.get('merges', [])]
+  return by_id, control, set(added) - control, merges, \
+      _pre_tokenizer_name(spec.get('pre_tokenizer') or {})
+
+
+def _char_vocab(tokenizer: CharTokenizer) -> tuple[dict[int, str], set[int], set[int], list[str],
+                                                   str]:
+  """The CharTokenizer as a llama.cpp 'gpt2' vocabulary, in _hf_vocab's form.
+
+  llama.cpp's BPE tokenizer splits text into characters and joins neighbours only by listed
+  merges, then looks each piece up; with no merge that applies every character becomes its own
+  token, which is CharTokenizer.encode, and characters outside the vocabulary are dropped.
+  (Its SentencePiece form, 'llama', would prefix a space and abort on an unknown character
+  without byte tokens.) Tokens are spelled in GPT-2's byte-level alphabet, which llama.cpp's BPE
+  reads and decodes: ' ' is 'Ġ'. llama.cpp requires a merges list and gguf cannot write an
+  empty one, so it holds one merge that never fires: '<pad>' and '<eos>' are not single
+  characters, and no other merge can build them.
+  """
+  byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+  by_id = {tokenizer.pad_id: PAD, tokenizer.bos_id: BOS, tokenizer.eos_id: EOS}
+  for char in tokenizer.chars:
+    (spelled, _), = byte_level.pre_tokenize_str(char)
+    by_id[tokenizer.token_id(char)] = spelled
+  return by_id, {tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id}, set(), \
+      [f'{PAD} {EOS}'], 'default'
+
+
+def _tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer, vocab_size: int, pre: str | None):
+  if tokenizer.vocab_size > vocab_size:
+    raise ValueError(f'tokenizer has {tokenizer.vocab_size} tokens, the model only {vocab_size}')
+  by_id, control, user_defined, merges, recognised_pre = (
+      _char_vocab(tokenizer) if isinstance(tokenizer, CharTokenizer) else _hf_vocab(tokenizer))
   tokens, types = [], []
   for i in range(vocab_size):
-    if i not in by_id:
-      tokens.append(f'[PAD{i}]')
-      types.append(gguf.TokenType.USER_DEFINED)
-    else:
-      tokens.append(by_id[i])
-      types.append(gguf.TokenType.NORMAL if i not in added else
-                   gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
-  merges = [m if isinstance(m, str) else ' '.join(m) for m in model.get('merges', [])]
-  pre = pre or _pre_tokenizer_name(spec.get('pre_tokenizer') or {})
+    tokens.append(by_id.get(i, f'[PAD{i}]'))
+    types.append(gguf.TokenType.USER_DEFINED if i not in by_id or i in user_defined else
+                 gguf.TokenType.CONTROL if i in control else gguf.TokenType.NORMAL)
   writer.add_tokenizer_model('gpt2')
-  writer.add_tokenizer_pre(pre)
+  writer.add_tokenizer_pre(pre or recognised_pre)
   writer.add_token_list(tokens)
   writer.add_token_types(types)
   writer.add_token_merges(merges)
   writer.add_bos_token_id(tokenizer.bos_id)
   writer.add_eos_token_id(tokenizer.eos_id)
   writer.add_pad_token_id(tokenizer.pad_id)
-  writer.add_add_bos_token(tokenizer.add_bos)
+  # The batch pipeline puts BOS before every prompt unless the tokenizer says otherwise.
+  writer.add_add_bos_token(getattr(tokenizer, 'add_bos', True))
   writer.add_add_eos_token(False)
-  if tokenizer.chat_template is not None:
+  if getattr(tokenizer, 'chat_template', None) is not None:
     writer.add_chat_template(tokenizer.chat_template.source)
 
 
@@ -148,21 +249,22 @@ def export_gguf(model, path: str, *, tokenizer=None, file_type: str = 'f16',
                 tokenizer_pre: str | None = None) -> dict[str, str]:
   """Writes `model` (a Transformer) to the GGUF file `path`; returns {tensor name: type name}.
 
-  tokenizer: an HFTokenizer or HF tokenizer folder (byte-level BPE); without one the file holds
-  no vocabulary (tokenizer.ggml.model 'none') and llama.cpp cannot tokenize text for it.
+  file_type: a FILE_TYPES name, any case; matrices get llama-quantize's mix (`tensor_type`), and
+  each one that falls back to another type for its row length raises a TypeFallbackWarning.
+  tokenizer: an HFTokenizer or HF tokenizer folder (byte-level BPE), or a CharTokenizer; without
+  one the file holds no vocabulary (tokenizer.ggml.model 'none') and llama.cpp cannot tokenize
+  text for it.
   arch: 'llama', 'qwen2' or 'qwen3'; None picks qwen3 for q/k norm, qwen2 for qkv bias, else
   llama. tokenizer_pre: llama.cpp pre-tokenizer name; None recognises Llama 3 / Qwen2 split
   regexes and GPT-2's byte-level regex, and otherwise writes 'default'.
   """
   cfg = model.config
-  if file_type not in FILE_TYPES:
-    raise ValueError(f'file_type must be one of {list(FILE_TYPES)}, got {file_type!r}')
+  file_type = file_type_key(file_type)
   arch = arch or default_arch(cfg)
   _check_arch(cfg, arch)
-  if tokenizer is not None:
+  if isinstance(tokenizer, str):
     from distill.data.hf_tokenizer import HFTokenizer
-    tokenizer = tokenizer if isinstance(tokenizer, HFTokenizer) else HFTokenizer(tokenizer)
-  ftype, qtype = FILE_TYPES[file_type]
+    tokenizer = HFTokenizer(tokenizer)
   tensors = gguf_tensors(nnx.state(model, nnx.Param), cfg, arch)
   if jax.process_index() != 0:
     return {}
@@ -181,7 +283,7 @@ def export_gguf(model, path: str, *, tokenizer=None, file_type: str = 'f16',
   writer.add_rope_freq_base(cfg.rope_theta)
   writer.add_layer_norm_rms_eps(cfg.norm_eps)
   writer.add_vocab_size(cfg.vocab_size)
-  writer.add_file_type(ftype)
+  writer.add_file_type(FILE_TYPES[file_type][0])
   writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
   if tokenizer is None:
     writer.add_tokenizer_model('none')
@@ -189,9 +291,14 @@ def export_gguf(model, path: str, *, tokenizer=None, file_type: str = 'f16',
     _tokenizer_metadata(writer, tokenizer, cfg.vocab_size, tokenizer_pre)
   written = {}
   for tensor_name, value in tensors.items():
-    data, dtype = _encode(value, qtype)
-    writer.add_tensor(tensor_name, data, raw_dtype=dtype)
-    written[tensor_name] = dtype.name
+    qtype, wanted = tensor_type(tensor_name, value.shape, file_type, cfg.n_layers,
+                                has_output='output.weight' in tensors)
+    if wanted is not None:
+      warnings.warn(TypeFallbackWarning(
+          f'{tensor_name}: rows of {value.shape[-1]} are not a multiple of '
+          f'{gguf_quants.block_size(wanted)} ({wanted.name}); written as {qtype.name}'))
+    writer.add_tensor(tensor_name, _encode(value, qtype), raw_dtype=qtype)
+    written[tensor_name] = qtype.name
   writer.write_header_to_file()
   writer.write_kv_data_to_file()
   writer.write_tensors_to_file()
