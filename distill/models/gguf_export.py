@@ -15,10 +15,11 @@ what llama.cpp's convert_hf_to_gguf.py writes. Two conventions follow that conve
 
 The vocabulary is written as llama.cpp's 'gpt2' (byte-level BPE) tokenizer: tokens, types,
 merges, special ids and the chat template, with ids the model has beyond the tokenizer written as
-'[PAD{i}]' (as the converter does). The embedded tasks' CharTokenizer is written the same way,
-one token per character and no merges that apply (`_char_vocab`). llama.cpp does not run tokenizer.json's pre-tokenizer; it
+'[PAD{i}]' (as the converter does). llama.cpp does not run tokenizer.json's pre-tokenizer; it
 picks a built-in one by the name in tokenizer.ggml.pre, which is recognised here from the split
 regex (Llama 3 'llama-bpe', Qwen2/2.5/3 'qwen2', plain byte-level 'gpt-2') or given explicitly.
+The embedded tasks' CharTokenizer is written the same way, one token per character and no merge
+that applies (`_char_vocab`).
 Run the file with e.g. `llama-cli -m student.gguf -cnv` (the chat template is in the file).
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
+from typing import NamedTuple
 
 import gguf
 import jax
@@ -128,12 +130,14 @@ def tensor_type(name: str, shape: tuple[int, ...], file_type: str, n_layers: int
     in every quantised type but Q8_0, where it stays Q8_0; Q8_0 when its rows do not fit the
     file type's block.
   * Q4_K_M and Q5_K_M: attn_v and ffn_down of layer i are Q6_K when i is in the first or last
-    eighth of the layers or (i - n_layers/8) % 3 == 2 (`_use_more_bits`); the rest are Q4_K / Q5_K.
+    eighth of the layers or (i - n_layers/8) % 3 == 2 (`_use_more_bits`); the rest are Q4_K
+    and Q5_K.
   * Every other matrix has the file type's own type.
   * A type whose block does not divide the rows (the last dimension) falls back: Q4_K to Q5_0,
     Q5_K to Q5_1, Q6_K to Q8_0, and to F16 when 32 does not divide them either.
-  llama.cpp's further rules are for mixture-of-experts, Falcon and 70B models, none of which
-  export here.
+  llama.cpp's further rules are for mixture-of-experts and Falcon models, which do not export
+  here, and for 80-layer GQA ("70B") models, whose attn_v it raises from Q4_K to Q5_K; that one
+  is left out.
   """
   base = FILE_TYPES[file_type][1]
   if len(shape) == 1 or base in (Q.F32, Q.F16):
@@ -179,9 +183,17 @@ def _pre_tokenizer_name(pre_tokenizer: dict) -> str:
   return 'default'
 
 
-def _hf_vocab(tokenizer) -> tuple[dict[int, str], set[int], set[int], list[str], str]:
-  """(token by id, control ids, user-defined ids, merges, pre-tokenizer) of a byte-level BPE
-  HFTokenizer."""
+class _Vocab(NamedTuple):
+  """A vocabulary as llama.cpp's 'gpt2' tokenizer reads it."""
+  token_by_id: dict[int, str]
+  control_ids: set[int]
+  user_defined_ids: set[int]
+  merges: list[str]
+  pre: str                      # llama.cpp's pre-tokenizer name
+
+
+def _hf_vocab(tokenizer) -> _Vocab:
+  """The vocabulary of a byte-level BPE HFTokenizer."""
   spec = json.loads(tokenizer.tokenizer.to_str())
   model = spec.get('model') or {}
   if model.get('type') != 'BPE' or model.get('byte_fallback') or \
@@ -193,13 +205,12 @@ def _hf_vocab(tokenizer) -> tuple[dict[int, str], set[int], set[int], list[str],
   added = tokenizer.tokenizer.get_added_tokens_decoder()
   control = {i for i, t in added.items() if t.special}
   merges = [m if isinstance(m, str) else ' '.join(m) for m in model.get('merges', [])]
-  return by_id, control, set(added) - control, merges, \
-      _pre_tokenizer_name(spec.get('pre_tokenizer') or {})
+  return _Vocab(by_id, control, set(added) - control, merges,
+                _pre_tokenizer_name(spec.get('pre_tokenizer') or {}))
 
 
-def _char_vocab(tokenizer: CharTokenizer) -> tuple[dict[int, str], set[int], set[int], list[str],
-                                                   str]:
-  """The CharTokenizer as a llama.cpp 'gpt2' vocabulary, in _hf_vocab's form.
+def _char_vocab(tokenizer: CharTokenizer) -> _Vocab:
+  """The CharTokenizer as a llama.cpp 'gpt2' vocabulary.
 
   llama.cpp's BPE tokenizer splits text into characters and joins neighbours only by listed
   merges, then looks each piece up; with no merge that applies every character becomes its own
@@ -215,25 +226,25 @@ def _char_vocab(tokenizer: CharTokenizer) -> tuple[dict[int, str], set[int], set
   for char in tokenizer.chars:
     (spelled, _), = byte_level.pre_tokenize_str(char)
     by_id[tokenizer.token_id(char)] = spelled
-  return by_id, {tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id}, set(), \
-      [f'{PAD} {EOS}'], 'default'
+  return _Vocab(by_id, {tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id}, set(),
+                [f'{PAD} {EOS}'], 'default')
 
 
 def _tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer, vocab_size: int, pre: str | None):
   if tokenizer.vocab_size > vocab_size:
     raise ValueError(f'tokenizer has {tokenizer.vocab_size} tokens, the model only {vocab_size}')
-  by_id, control, user_defined, merges, recognised_pre = (
-      _char_vocab(tokenizer) if isinstance(tokenizer, CharTokenizer) else _hf_vocab(tokenizer))
+  vocab = _char_vocab(tokenizer) if isinstance(tokenizer, CharTokenizer) else _hf_vocab(tokenizer)
   tokens, types = [], []
   for i in range(vocab_size):
-    tokens.append(by_id.get(i, f'[PAD{i}]'))
-    types.append(gguf.TokenType.USER_DEFINED if i not in by_id or i in user_defined else
-                 gguf.TokenType.CONTROL if i in control else gguf.TokenType.NORMAL)
+    tokens.append(vocab.token_by_id.get(i, f'[PAD{i}]'))
+    types.append(gguf.TokenType.USER_DEFINED
+                 if i not in vocab.token_by_id or i in vocab.user_defined_ids else
+                 gguf.TokenType.CONTROL if i in vocab.control_ids else gguf.TokenType.NORMAL)
   writer.add_tokenizer_model('gpt2')
-  writer.add_tokenizer_pre(pre or recognised_pre)
+  writer.add_tokenizer_pre(pre or vocab.pre)
   writer.add_token_list(tokens)
   writer.add_token_types(types)
-  writer.add_token_merges(merges)
+  writer.add_token_merges(vocab.merges)
   writer.add_bos_token_id(tokenizer.bos_id)
   writer.add_eos_token_id(tokenizer.eos_id)
   writer.add_pad_token_id(tokenizer.pad_id)
