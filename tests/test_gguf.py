@@ -298,7 +298,7 @@ def test_q4_k_m_export_types_and_values(tmp_path):
   assert field(gguf.GGUFReader(q_path), 'general.file_type') == gguf.LlamaFileType.MOSTLY_Q4_K_M
   assert {n: t.tensor_type.name for n, t in got.items()} == written
   for name, t in got.items():
-    assert written[name] == mix('q4_k_m', 8, [name])[name] if t.data.ndim > 1 else 'F32'
+    assert written[name] == (mix('q4_k_m', 8, [name])[name] if len(t.shape) > 1 else 'F32')
     w = np.asarray(exact[name].data)
     back = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(w.shape)
     if t.tensor_type in BLOCK_BOUND:
