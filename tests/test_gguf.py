@@ -530,12 +530,19 @@ def test_pre_tokenizer_recognised_from_split_regex(llama_gqa, tmp_path):
     assert field(gguf.GGUFReader(path), 'tokenizer.ggml.pre') == want
 
 
-def test_export_errors(llama_gqa, tmp_path):
+def test_export_errors(llama_gqa, tmp_path, monkeypatch):
   with pytest.raises(ValueError, match="unknown GGUF file type 'q4_k'; known: f32, f16, q8_0, "
                                        "q6_k, q5_k_m, q4_k_m, q4_0"):
     gguf_export.export_gguf(llama_gqa, str(tmp_path / 'a.gguf'), file_type='q4_k')
   with pytest.raises(ValueError, match="'qwen3' does not match"):
     gguf_export.export_gguf(llama_gqa, str(tmp_path / 'a.gguf'), arch='qwen3')
+  # A model option the metadata does not describe (as a newer family's would be) is refused.
+  monkeypatch.setattr(gguf_export, '_DESCRIBED_FIELDS',
+                      gguf_export._DESCRIBED_FIELDS - {'tie_embeddings'})
+  tied = random_model(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2,
+                                  d_ff=64, tie_embeddings=True))
+  with pytest.raises(ValueError, match='does not write tie_embeddings'):
+    gguf_export.export_gguf(tied, str(tmp_path / 'a.gguf'))
   word_level = Tokenizer(models.WordLevel({'<unk>': 0, 'a': 1}, unk_token='<unk>'))
   word_level.pre_tokenizer = pre_tokenizers.Whitespace()
   os.makedirs(tmp_path / 'wl')

@@ -24,6 +24,7 @@ Run the file with e.g. `llama-cli -m student.gguf -cnv` (the chat template is in
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import warnings
@@ -64,11 +65,26 @@ _PRE_TOKENIZERS = {
 }
 
 
+# ModelConfig fields that the metadata written here describes, or that do not change what the
+# model computes. Any other field away from its default (a newer family's option: RoPE scaling,
+# sliding windows, Gemma's norms and soft-caps, ...) would be dropped, and llama.cpp would run a
+# different model, so the export refuses it.
+_DESCRIBED_FIELDS = frozenset({
+    'vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'd_ff', 'head_dim',
+    'max_seq_len', 'rope_theta', 'norm_eps', 'qk_norm', 'qkv_bias', 'tie_embeddings', 'dtype',
+    'param_dtype', 'remat', 'scan_unroll'})
+
+
 def default_arch(cfg: ModelConfig) -> str:
   return 'qwen3' if cfg.qk_norm else 'qwen2' if cfg.qkv_bias else 'llama'
 
 
 def _check_arch(cfg: ModelConfig, arch: str):
+  undescribed = sorted(f.name for f in dataclasses.fields(cfg) if f.name not in _DESCRIBED_FIELDS
+                       and getattr(cfg, f.name) != f.default)
+  if undescribed:
+    raise ValueError(f'GGUF export does not write {", ".join(undescribed)} (set on this model); '
+                     'llama.cpp would run the model without them')
   if arch not in ARCHS:
     raise ValueError(f'GGUF architecture must be one of {list(ARCHS)}, got {arch!r}')
   if cfg.qk_norm != (arch == 'qwen3'):
