@@ -7,7 +7,8 @@ Being bit-exact constrains the arithmetic:
 
 * every value is float32, each C expression evaluated in C's order (`w*l*x` is `(w*l)*x`);
 * sums over a block are sequential (`_seq_sum`), not numpy's pairwise sums, because the search
-  compares errors and a different last bit can pick a different candidate scale;
+  compares errors and a different last bit can pick a different candidate scale; the searches
+  hold sub-blocks as columns ([values, sub-blocks]) so those sums are vector adds;
 * C's nearest_int (the 1.5*2^23 trick) rounds half to even, i.e. np.rint; roundf (Q8_0) rounds
   half away from zero; `(int8_t)f` truncates.
 
@@ -33,15 +34,25 @@ GROUP_MAX_EPS = F32(1e-15)
 _CHUNK_BLOCKS = 8192
 
 
-def _seq_sum(a_NxK: np.ndarray) -> np.ndarray:
-  """Sum over the last axis in index order in float32, as C's `s += a[i]` loop does."""
-  return np.cumsum(a_NxK, axis=-1, dtype=F32)[..., -1]
+def _seq_sum(a_KxM: np.ndarray) -> np.ndarray:
+  """Sum over the first axis in index order in float32, as C's `s += a[i]` loop does. Blocks
+  lie along M, so each step is one vector add over all blocks."""
+  total_M = a_KxM[0].astype(F32)
+  for row_M in a_KxM[1:]:
+    total_M = total_M + row_M
+  return total_M
 
 
 def _nearest_int(v: np.ndarray) -> np.ndarray:
   """C's nearest_int: round half to even. It is only valid for |v| <= 4194303 (it asserts);
   clipping there keeps extreme inputs finite, where llama.cpp's release build writes garbage."""
   return np.rint(np.clip(np.nan_to_num(v), -4194303, 4194303)).astype(np.int32)
+
+
+def _levels(v: np.ndarray, lo: int, hi: int) -> np.ndarray:
+  """clamp(nearest_int(v), lo, hi) as float32, for the searches' v, which are within a few units
+  of [lo, hi] by construction (so nearest_int's range limit never applies)."""
+  return np.clip(np.rint(v), F32(lo), F32(hi))
 
 
 def _roundf(v: np.ndarray) -> np.ndarray:
@@ -82,8 +93,8 @@ def _q4_0(x_Nx32: np.ndarray) -> np.ndarray:
 
 # ---- K-quants: scale/min search of 32-value sub-blocks (Q4_K, Q5_K) --------------------------
 
-def _scale_min_search(x_Mx32: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
-  """Per sub-block (scale, min, levels) with x ~ scale*level - min, level in [0, nmax].
+def _scale_min_search(x_32xM: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
+  """Per sub-block (column) (scale, min, levels) with x ~ scale*level - min, level in [0, nmax].
 
   llama.cpp's make_qkx2_quants: weights |x| + rms(x) favour large values; start from the min-max
   fit, then try nstep+1 grids of nmax + rmin + rdelta*i levels over [min, max(x)], each followed
@@ -91,56 +102,54 @@ def _scale_min_search(x_Mx32: np.ndarray, nmax: int, rmin: float, rdelta: float,
   with the smallest weighted squared error. `min` starts at min(x, 0) and becomes the best fit's
   min as the search goes: later grids are laid from there (the C code reuses the variable).
   """
-  rms_M = np.sqrt(_seq_sum(x_Mx32 * x_Mx32) / F32(32))
-  w_Mx32 = rms_M[:, None] + np.abs(x_Mx32)
-  lo_M = np.minimum(x_Mx32.min(-1), F32(0))
-  hi_M = x_Mx32.max(-1)
+  rms_M = np.sqrt(_seq_sum(x_32xM * x_32xM) / F32(32))
+  w_32xM = rms_M + np.abs(x_32xM)
+  lo_M = np.minimum(x_32xM.min(0), F32(0))
+  hi_M = x_32xM.max(0)
   flat_M = hi_M == lo_M
-  sum_w_M, sum_x_M = _seq_sum(w_Mx32), _seq_sum(w_Mx32 * x_Mx32)
+  sum_w_M, sum_x_M = _seq_sum(w_32xM), _seq_sum(w_32xM * x_32xM)
 
   def levels(numerator: float, min_M):
-    span_M = np.where(flat_M, F32(1), hi_M - min_M)
-    iscale_M = F32(numerator) / span_M
-    l_Mx32 = np.clip(_nearest_int(iscale_M[:, None] * (x_Mx32 - min_M[:, None])), 0, nmax)
-    return iscale_M, l_Mx32.astype(F32)
+    iscale_M = F32(numerator) / np.where(flat_M, F32(1), hi_M - min_M)
+    return iscale_M, _levels(iscale_M * (x_32xM - min_M), 0, nmax)
 
-  def error(scale_M, min_M, l_Mx32):
-    diff_Mx32 = scale_M[:, None] * l_Mx32 + min_M[:, None] - x_Mx32
-    return _seq_sum(w_Mx32 * (diff_Mx32 * diff_Mx32))
+  def error(scale_M, min_M, l_32xM):
+    diff_32xM = scale_M * l_32xM + min_M - x_32xM
+    return _seq_sum(w_32xM * (diff_32xM * diff_32xM))
 
   min_M = lo_M
-  iscale_M, l_Mx32 = levels(F32(nmax), min_M)
+  iscale_M, l_32xM = levels(F32(nmax), min_M)
   scale_M = F32(1) / iscale_M
-  best_M = error(scale_M, min_M, l_Mx32)
+  best_M = error(scale_M, min_M, l_32xM)
   with np.errstate(divide='ignore', invalid='ignore'):
     for step in range(nstep + 1):
-      _, trial_Mx32 = levels(F32(rmin) + F32(rdelta) * F32(step) + F32(nmax), min_M)
-      wl_Mx32 = w_Mx32 * trial_Mx32
-      sum_l_M, sum_l2_M = _seq_sum(wl_Mx32), _seq_sum(wl_Mx32 * trial_Mx32)
-      sum_xl_M = _seq_sum(wl_Mx32 * x_Mx32)
+      _, trial_32xM = levels(F32(rmin) + F32(rdelta) * F32(step) + F32(nmax), min_M)
+      wl_32xM = w_32xM * trial_32xM
+      sum_l_M, sum_l2_M = _seq_sum(wl_32xM), _seq_sum(wl_32xM * trial_32xM)
+      sum_xl_M = _seq_sum(wl_32xM * x_32xM)
       det_M = sum_w_M * sum_l2_M - sum_l_M * sum_l_M
       trial_scale_M = (sum_w_M * sum_xl_M - sum_x_M * sum_l_M) / det_M
       trial_min_M = (sum_l2_M * sum_x_M - sum_l_M * sum_xl_M) / det_M
       positive_M = trial_min_M > 0    # a positive offset is refitted as scale only
       trial_min_M = np.where(positive_M, F32(0), trial_min_M)
       trial_scale_M = np.where(positive_M, sum_xl_M / sum_l2_M, trial_scale_M)
-      trial_err_M = error(trial_scale_M, trial_min_M, trial_Mx32)
+      trial_err_M = error(trial_scale_M, trial_min_M, trial_32xM)
       better_M = (det_M > 0) & (trial_err_M < best_M)
-      l_Mx32 = np.where(better_M[:, None], trial_Mx32, l_Mx32)
+      l_32xM = np.where(better_M, trial_32xM, l_32xM)
       best_M = np.where(better_M, trial_err_M, best_M)
       scale_M = np.where(better_M, trial_scale_M, scale_M)
       min_M = np.where(better_M, trial_min_M, min_M)
   # A constant sub-block (lo == hi) is all level 0 with offset -lo.
   scale_M, min_M = np.where(flat_M, F32(0), scale_M), np.where(flat_M, lo_M, min_M)
-  l_Mx32 = np.where(flat_M[:, None], F32(0), l_Mx32)
-  return scale_M, -min_M, l_Mx32
+  l_32xM = np.where(flat_M, F32(0), l_32xM)
+  return scale_M, -min_M, l_32xM
 
 
 def _k_scales(x_Nx256: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
   """Q4_K/Q5_K super-block header and levels: (d, dmin, 12 scale bytes, levels [N, 256])."""
   N = x_Nx256.shape[0]
-  x_Mx32 = x_Nx256.reshape(N * 8, 32)
-  scale_M, min_M, l_Mx32 = _scale_min_search(x_Mx32, nmax, rmin, rdelta, nstep)
+  x_32xM = np.ascontiguousarray(x_Nx256.reshape(N * 8, 32).T)
+  scale_M, min_M, l_32xM = _scale_min_search(x_32xM, nmax, rmin, rdelta, nstep)
   scale_Nx8, min_Nx8 = scale_M.reshape(N, 8), min_M.reshape(N, 8)
   max_scale_N = np.maximum(scale_Nx8.max(-1), F32(0))
   max_min_N = np.maximum(min_Nx8.max(-1), F32(0))
@@ -163,7 +172,7 @@ def _k_scales(x_Nx256: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep:
   with np.errstate(divide='ignore', invalid='ignore'):
     requant_Nx8x32 = np.clip(_nearest_int(
         (x_Nx256.reshape(N, 8, 32) + dm_Nx8[..., None]) / d_Nx8[..., None]), 0, nmax)
-  l_Nx8x32 = np.where(d_Nx8[..., None] != 0, requant_Nx8x32, l_Mx32.reshape(N, 8, 32))
+  l_Nx8x32 = np.where(d_Nx8[..., None] != 0, requant_Nx8x32, l_32xM.T.reshape(N, 8, 32))
   header_Nx16 = np.concatenate([d_N.reshape(-1, 1).view(np.uint8),
                                 dmin_N.reshape(-1, 1).view(np.uint8), packed_Nx12], -1)
   return header_Nx16, l_Nx8x32.reshape(N, 256).astype(np.uint8)
@@ -190,42 +199,43 @@ def _q5_k(x_Nx256: np.ndarray) -> np.ndarray:
 
 # ---- Q6_K: symmetric 6-bit levels per sub-block of 16 ----------------------------------------
 
-def _symmetric_search(x_Mx16: np.ndarray, nmax: int):
-  """Per sub-block (scale, levels + nmax) with x ~ scale*level, level in [-nmax, nmax-1].
+def _symmetric_search(x_16xM: np.ndarray, nmax: int):
+  """Per sub-block (column) (scale, levels + nmax) with x ~ scale*level, level in [-nmax, nmax-1].
 
   llama.cpp's make_qx_quants with x^2 weights: the signed extreme maps to -nmax, then 18 more
   grids of nmax +- 0.1*i levels are tried, each with its least-squares scale, keeping the one
   that explains the most weighted energy (largest sumlx^2 / suml2).
   """
-  amax_M = np.abs(x_Mx16).max(-1)
+  amax_M = np.abs(x_16xM).max(0)
   zero_M = amax_M < GROUP_MAX_EPS
-  extreme_M = np.where(zero_M, F32(1), _signed_absmax(x_Mx16))
-  w_Mx16 = x_Mx16 * x_Mx16
-  wx_Mx16 = w_Mx16 * x_Mx16
+  extreme_M = np.where(zero_M, F32(1), _signed_absmax(x_16xM.T))
+  w_16xM = x_16xM * x_16xM
+  wx_16xM = w_16xM * x_16xM
 
   def fit(iscale_M):
-    l_Mx16 = np.clip(_nearest_int(iscale_M[:, None] * x_Mx16), -nmax, nmax - 1).astype(F32)
-    return l_Mx16, _seq_sum(wx_Mx16 * l_Mx16), _seq_sum(w_Mx16 * l_Mx16 * l_Mx16)
+    l_16xM = _levels(iscale_M * x_16xM, -nmax, nmax - 1)
+    return l_16xM, _seq_sum(wx_16xM * l_16xM), _seq_sum(w_16xM * l_16xM * l_16xM)
 
-  l_Mx16, sumlx_M, suml2_M = fit(F32(-nmax) / extreme_M)
+  l_16xM, sumlx_M, suml2_M = fit(F32(-nmax) / extreme_M)
   with np.errstate(divide='ignore', invalid='ignore'):
     scale_M = np.where(suml2_M != 0, sumlx_M / suml2_M, F32(0))
     best_M = scale_M * sumlx_M
     for step in (*range(-9, 0), *range(1, 10)):
-      trial_Mx16, sumlx_M, suml2_M = fit(-(F32(nmax) + F32(0.1) * F32(step)) / extreme_M)
+      trial_16xM, sumlx_M, suml2_M = fit(-(F32(nmax) + F32(0.1) * F32(step)) / extreme_M)
       better_M = (suml2_M > 0) & (sumlx_M * sumlx_M > best_M * suml2_M)
-      l_Mx16 = np.where(better_M[:, None], trial_Mx16, l_Mx16)
+      l_16xM = np.where(better_M, trial_16xM, l_16xM)
       scale_M = np.where(better_M, sumlx_M / suml2_M, scale_M)
       best_M = np.where(better_M, scale_M * sumlx_M, best_M)
   # An all-zero sub-block keeps stored level 0 (not the zero point nmax) and scale 0.
   scale_M = np.where(zero_M, F32(0), scale_M)
-  l_Mx16 = np.where(zero_M[:, None], F32(0), l_Mx16 + F32(nmax))
-  return scale_M, l_Mx16
+  l_16xM = np.where(zero_M, F32(0), l_16xM + F32(nmax))
+  return scale_M, l_16xM
 
 
 def _q6_k(x_Nx256: np.ndarray) -> np.ndarray:
   N = x_Nx256.shape[0]
-  scale_M, l_Mx16 = _symmetric_search(x_Nx256.reshape(N * 16, 16), nmax=32)
+  scale_M, l_16xM = _symmetric_search(np.ascontiguousarray(x_Nx256.reshape(N * 16, 16).T),
+                                      nmax=32)
   scale_Nx16 = scale_M.reshape(N, 16)
   max_scale_N = _signed_absmax(scale_Nx16)
   zero_N = np.abs(max_scale_N) < GROUP_MAX_EPS
@@ -237,7 +247,7 @@ def _q6_k(x_Nx256: np.ndarray) -> np.ndarray:
     dd_Nx16 = d_N.astype(F32)[:, None] * sc_Nx16.astype(F32)
     requant_Nx16x16 = np.clip(_nearest_int(x_Nx256.reshape(N, 16, 16) / dd_Nx16[..., None]),
                               -32, 31) + 32
-  l_Nx16x16 = np.where(dd_Nx16[..., None] != 0, requant_Nx16x16, l_Mx16.reshape(N, 16, 16))
+  l_Nx16x16 = np.where(dd_Nx16[..., None] != 0, requant_Nx16x16, l_16xM.T.reshape(N, 16, 16))
   # Per half of 128 values: ql byte i holds values i | i+64 and i+32 | i+96 (low nibbles);
   # qh byte i holds the top 2 bits of values i, i+32, i+64, i+96.
   l_Nx2x4x32 = l_Nx16x16.astype(np.uint8).reshape(N, 2, 4, 32)
