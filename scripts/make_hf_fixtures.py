@@ -2,7 +2,7 @@
 
 Needs torch + transformers (not needed by the test suite):
     .venv/bin/pip install torch==2.13.0 transformers
-    .venv/bin/python scripts/make_hf_fixtures.py
+    .venv/bin/python scripts/make_hf_fixtures.py [NAME ...]   # default: every fixture
 
 Each fixture folder holds config.json, model.safetensors (or a sharded index), a byte-level BPE
 tokenizer.json (150 tokens, trained here), tokenizer_config.json with a chat template, and
@@ -127,15 +127,53 @@ FIXTURES = {
                                              rope_theta=1e6), 'chatml', None),
     'padded_vocab': (transformers.LlamaConfig, dict(num_key_value_heads=2, vocab_size=160),
                      'llama', None),
+    # Llama 3.2 style: tied, llama3 rope scaling with an original context (16) inside the
+    # positions used, so that all three frequency bands occur.
+    'llama32': (transformers.LlamaConfig, dict(
+        num_key_value_heads=2, tie_word_embeddings=True, rope_theta=500_000.0,
+        rope_scaling=dict(rope_type='llama3', factor=32.0, low_freq_factor=1.0,
+                          high_freq_factor=4.0, original_max_position_embeddings=16)),
+        'llama', None),
+    # YaRN scaling and attention_bias (q, k, v and o_proj biases).
+    'llama_yarn': (transformers.LlamaConfig, dict(
+        num_key_value_heads=2, attention_bias=True, rope_theta=10_000.0,
+        rope_scaling=dict(rope_type='yarn', factor=4.0, original_max_position_embeddings=16)),
+        'llama', None),
+    # Sliding window shorter than the reference tokens.
+    'mistral_swa': (transformers.MistralConfig, dict(num_key_value_heads=2, sliding_window=4),
+                    'llama', None),
+    # Gemma 2: alternating sliding / global layers, soft-capping small enough to bend the
+    # random model's scores and logits, query scaling that is not head_dim.
+    'gemma2': (transformers.Gemma2Config, dict(
+        num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24, sliding_window=4,
+        attn_logit_softcapping=2.0, final_logit_softcapping=5.0), 'llama', None),
+    # Gemma 3 text: q/k norms, a local layer with its own RoPE base between global layers with
+    # linear scaling (Gemma-3-4B's), untied head.
+    'gemma3': (transformers.Gemma3TextConfig, dict(
+        num_hidden_layers=3, num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16,
+        sliding_window=4, tie_word_embeddings=False,
+        layer_types=['full_attention', 'sliding_attention', 'full_attention'],
+        rope_parameters={'full_attention': dict(rope_type='linear', factor=8.0,
+                                                rope_theta=1_000_000.0),
+                         'sliding_attention': dict(rope_type='default', rope_theta=10_000.0)}),
+        'llama', None),
+    # Phi-3 / Phi-4-mini: fused qkv and gate/up projections, partial rotary, sliding window.
+    'phi3': (transformers.Phi3Config, dict(num_key_value_heads=2, partial_rotary_factor=0.5,
+                                           sliding_window=5, pad_token_id=0), 'llama', None),
 }
+# The fixtures made before sliding windows and rope scaling keep their 8 reference tokens.
+FIXTURES_BEFORE_WINDOWS = ('llama', 'llama_gqa', 'llama_tied', 'mistral', 'qwen2', 'qwen3',
+                           'padded_vocab')
+# Norm weights of these families are offsets from 1 (they scale by 1 + w).
+PLUS_ONE_NORMS = ('gemma2', 'gemma3')
 
 
-def randomize(model: torch.nn.Module):
+def randomize(model: torch.nn.Module, norm_center: float):
   """Scales far from HF's near-zero init so that parity tests see O(1) logits."""
   with torch.no_grad():
     for name, p in model.named_parameters():
       if name.endswith('norm.weight'):
-        p.copy_(1.0 + 0.2 * torch.randn_like(p))
+        p.copy_(norm_center + 0.2 * torch.randn_like(p))
       else:
         p.copy_(0.15 * torch.randn_like(p))
 
@@ -149,7 +187,7 @@ def make_fixture(name: str, tokenizer: Tokenizer):
   torch.manual_seed(sum(map(ord, name)))
   model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation='eager',
                                                         dtype=torch.float32)
-  randomize(model)
+  randomize(model, 0.0 if name in PLUS_ONE_NORMS else 1.0)
   model.tie_weights()
   model.eval()
   kwargs = {'max_shard_size': shard} if shard else {}
@@ -157,6 +195,8 @@ def make_fixture(name: str, tokenizer: Tokenizer):
   write_tokenizer(tokenizer, folder, style)
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, TOKENIZER_SIZE, size=(2, 8)).astype(np.int32)
+  if name not in FIXTURES_BEFORE_WINDOWS:   # longer than the sliding windows and rope contexts
+    tokens = rng.integers(0, TOKENIZER_SIZE, size=(2, 24)).astype(np.int32)
   with torch.no_grad():
     logits = model(torch.from_numpy(tokens).long()).logits.float().numpy()
   np.savez(os.path.join(folder, 'reference.npz'), tokens=tokens, logits=logits)
@@ -180,15 +220,20 @@ def chat_reference():
     json.dump(out, f, indent=1)
 
 
-def main():
+def main(names):
+  unknown = sorted(set(names) - set(FIXTURES))
+  if unknown:
+    sys.exit(f'unknown fixtures {unknown}; known: {", ".join(FIXTURES)}')
   os.makedirs(OUT, exist_ok=True)
   tokenizer = train_tokenizer()
-  for name in FIXTURES:
+  for name in names or FIXTURES:
     make_fixture(name, tokenizer)
-  chat_reference()
+  if not names:
+    chat_reference()
   total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(OUT) for f in fs)
-  print(f'wrote {len(FIXTURES)} fixtures to {OUT} ({total / 1e6:.2f} MB)', file=sys.stderr)
+  print(f'wrote {len(names or FIXTURES)} fixtures to {OUT} ({total / 1e6:.2f} MB in all)',
+        file=sys.stderr)
 
 
 if __name__ == '__main__':
-  main()
+  main(sys.argv[1:])

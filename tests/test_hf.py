@@ -6,6 +6,7 @@ import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -18,7 +19,9 @@ from distill.parallel import mesh as mesh_lib
 from distill.models import sharded
 
 FIXTURES = os.path.join(os.path.dirname(__file__), 'fixtures', 'hf')
-FAMILIES = ('llama', 'llama_gqa', 'llama_tied', 'mistral', 'qwen2', 'qwen3', 'padded_vocab')
+FAMILIES = ('llama', 'llama_gqa', 'llama_tied', 'mistral', 'qwen2', 'qwen3', 'padded_vocab',
+            'llama32', 'llama_yarn', 'mistral_swa', 'gemma2', 'gemma3', 'phi3')
+GEMMA = dict(norm_plus_one=True, post_norms=True, embed_scale=True, mlp_activation='gelu_tanh')
 # What each fixture is there to exercise (so a regenerated fixture cannot silently lose it).
 FEATURES = {
     'llama': dict(n_kv_heads=4, norm_eps=1e-5),
@@ -28,6 +31,19 @@ FEATURES = {
     'qwen2': dict(qkv_bias=True, tie_embeddings=True),
     'qwen3': dict(qk_norm=True, head_dim=16, d_model=32, n_heads=4),
     'padded_vocab': dict(vocab_size=160),
+    'llama32': dict(tie_embeddings=True, rope_scaling=(
+        ('factor', 32.0), ('high_freq_factor', 4.0), ('low_freq_factor', 1.0),
+        ('original_max_position_embeddings', 16), ('rope_type', 'llama3'))),
+    'llama_yarn': dict(qkv_bias=True, o_bias=True, rope_scaling=(
+        ('factor', 4.0), ('original_max_position_embeddings', 16), ('rope_type', 'yarn'))),
+    'mistral_swa': dict(sliding_window=4, layer_types=()),
+    'gemma2': dict(GEMMA, sliding_window=4, layer_types=('sliding_attention', 'full_attention'),
+                   query_pre_attn_scalar=24.0, attn_softcap=2.0, final_softcap=5.0,
+                   tie_embeddings=True, qk_norm=False),
+    'gemma3': dict(GEMMA, qk_norm=True, sliding_window=4, rope_local_theta=10_000.0,
+                   rope_theta=1e6, rope_scaling=(('factor', 8.0), ('rope_type', 'linear')),
+                   layer_types=('full_attention', 'sliding_attention', 'full_attention')),
+    'phi3': dict(partial_rotary_factor=0.5, sliding_window=5, layer_types=()),
 }
 
 
@@ -129,9 +145,20 @@ def test_bfloat16_load():
 def test_load_dtype_checked():
   with pytest.raises(ValueError, match="dtype must be one of .*'int8'"):
     load_hf(fixture('llama'), dtype='int8')
+  with pytest.raises(ValueError, match=r"dtype must be one of \('float32', 'bfloat16', 'float16'\)"):
+    load_hf(fixture('llama'), dtype=np.int32)
   if 'float16' not in config_lib.DTYPES:
-    with pytest.raises(ValueError, match='float16.*not supported by ModelConfig'):
-      load_hf(fixture('llama'), dtype='float16')
+    for float16 in ('float16', np.float16, jnp.float16):
+      with pytest.raises(ValueError, match='float16.*not supported by ModelConfig'):
+        load_hf(fixture('llama'), dtype=float16)
+
+
+@pytest.mark.parametrize('dtype, name', [(jnp.float32, 'float32'), (np.float32, 'float32'),
+                                         (jnp.bfloat16, 'bfloat16'), ('bfloat16', 'bfloat16')])
+def test_load_dtype_accepts_jax_and_numpy_dtypes(dtype, name):
+  _, params, cfg = hf.load_hf_params(fixture('llama'), one_device_mesh(), dtype=dtype)
+  assert cfg.param_dtype == cfg.dtype == name
+  assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(name)}
 
 
 @pytest.mark.parametrize('name', FAMILIES)
@@ -174,7 +201,11 @@ def test_export_architecture_choice(tmp_path):
 
 @pytest.mark.parametrize('name,architecture', [('qwen3', None), ('qwen2', None),
                                                ('padded_vocab', None),
-                                               ('llama_gqa', 'MistralForCausalLM')])
+                                               ('llama_gqa', 'MistralForCausalLM'),
+                                               ('llama32', None), ('llama_yarn', None),
+                                               ('mistral_swa', None), ('gemma2', None),
+                                               ('gemma3', None), ('phi3', None),
+                                               ('llama_gqa', 'Phi3ForCausalLM')])
 def test_export_loads_in_transformers(name, architecture, tmp_path):
   transformers = pytest.importorskip('transformers')
   torch = pytest.importorskip('torch')
@@ -196,15 +227,19 @@ def base_config(name='llama'):
 
 
 @pytest.mark.parametrize('name,change,match', [
-    ('llama', {'rope_scaling': {'rope_type': 'llama3', 'factor': 8.0}}, "rope_scaling=.*'llama3'"),
-    ('qwen3', {'rope_parameters': {'rope_type': 'yarn', 'rope_theta': 1e6}}, "'yarn'"),
-    ('mistral', {'sliding_window': 16}, 'sliding_window=16'),
-    ('qwen2', {'use_sliding_window': True}, 'use_sliding_window'),
+    ('llama', {'rope_scaling': {'rope_type': 'longrope', 'factor': 8.0}},
+     "rope type 'longrope' is not implemented; supported rope types: default, linear, dynamic, "
+     "llama3, yarn"),
+    ('qwen3', {'rope_parameters': {'rope_type': 'su', 'rope_theta': 1e6}}, "'su'"),
+    ('llama', {'rope_scaling': {'rope_type': 'llama3', 'factor': 8.0}},
+     r"llama3\) lacks \['low_freq_factor', 'high_freq_factor'\]"),
     ('qwen2', {'layer_types': ['sliding_attention', 'full_attention']}, 'layer_types'),
+    ('llama', {'partial_rotary_factor': 0.5}, 'partial_rotary_factor=0.5'),
+    ('gemma2', {'hidden_activation': 'gelu'}, "hidden_act='gelu'"),
+    ('gemma3', {'use_bidirectional_attention': True}, 'use_bidirectional_attention'),
     ('llama', {'architectures': ['Qwen2MoeForCausalLM']}, 'Qwen2MoeForCausalLM'),
     ('llama', {'num_local_experts': 8}, 'num_local_experts=8'),
     ('llama', {'hidden_act': 'gelu'}, "hidden_act='gelu'"),
-    ('llama', {'attention_bias': True}, 'attention_bias'),
     ('llama', {'mlp_bias': True}, 'mlp_bias'),
     ('llama', {'hidden_size': None}, "'hidden_size' is missing"),
 ])
@@ -226,6 +261,50 @@ def test_config_translation_of_plain_fields():
     plain = dataclasses.replace(cfg, qk_norm=False, head_dim=8)
     back = hf.config_from_hf(hf.hf_config(plain, arch))
     assert back == dataclasses.replace(plain, qkv_bias=arch == 'Qwen2ForCausalLM')
+
+
+def test_config_translation_of_window_rope_and_bias_layouts():
+  # Gemma 3 as published (transformers 4 layout: flat rope fields, a pattern instead of
+  # layer_types) is the same model as the fixture's transformers 5 layout.
+  nested = base_config('gemma3')
+  legacy = {k: v for k, v in nested.items() if k not in ('rope_parameters', 'layer_types')}
+  legacy.update(rope_theta=1e6, rope_local_base_freq=10_000.0, sliding_window_pattern=2,
+                rope_scaling={'rope_type': 'linear', 'factor': 8.0})
+  assert hf.config_from_hf(legacy) == dataclasses.replace(
+      hf.config_from_hf(nested),
+      layer_types=('sliding_attention', 'full_attention', 'sliding_attention'))
+  # Qwen2's window covers the layers from max_window_layers on, and only with use_sliding_window.
+  qwen2 = {k: v for k, v in base_config('qwen2').items() if k != 'layer_types'}
+  qwen2.update(sliding_window=8, max_window_layers=1)
+  assert hf.config_from_hf(qwen2).sliding_window == 0
+  cfg = hf.config_from_hf({**qwen2, 'use_sliding_window': True})
+  assert (cfg.sliding_window, cfg.sliding_layers) == (8, (False, True))
+  # A window as long as the context is no window.
+  assert hf.config_from_hf({**base_config('mistral'), 'sliding_window': 64}).sliding_window == 0
+  assert hf.config_from_hf({**base_config('mistral'), 'sliding_window': 63}).sliding_window == 63
+  cfg = hf.config_from_hf({**base_config('llama'), 'attention_bias': True})
+  assert cfg.qkv_bias and cfg.o_bias
+  # Dynamic NTK within the original context is plain RoPE; the table says so.
+  dynamic = hf.config_from_hf({**base_config('llama'),
+                               'rope_scaling': {'rope_type': 'dynamic', 'factor': 4.0}})
+  assert dynamic.rope_scaling_dict == {'rope_type': 'dynamic', 'factor': 4.0,
+                                       'original_max_position_embeddings': 64}
+  with pytest.raises(ValueError, match='dynamic rope is implemented only up to'):
+    dataclasses.replace(dynamic, max_seq_len=65)
+
+
+def test_export_refuses_architectures_that_cannot_hold_the_model(tmp_path):
+  gemma3 = load_hf(fixture('gemma3'), mesh=one_device_mesh())
+  for arch, match in (('LlamaForCausalLM', 'Gemma architectures'),
+                      ('Gemma2ForCausalLM', 'qk_norm')):
+    with pytest.raises(ValueError, match=match):
+      save_hf(gemma3, str(tmp_path / arch), architecture=arch)
+  phi3 = load_hf(fixture('phi3'), mesh=one_device_mesh())
+  with pytest.raises(ValueError, match='partial rotary'):
+    save_hf(phi3, str(tmp_path / 'llama'), architecture='LlamaForCausalLM')
+  mistral = load_hf(fixture('mistral_swa'), mesh=one_device_mesh())
+  with pytest.raises(ValueError, match='no sliding-window'):
+    save_hf(mistral, str(tmp_path / 'llama'), architecture='LlamaForCausalLM')
 
 
 # ---- folder and tensor errors ------------------------------------------------------------------
