@@ -1,6 +1,7 @@
 """Transformer: exactness against a NumPy Llama reference, masking, KV cache, presets, errors."""
 import dataclasses
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ from flax import nnx
 
 import distill  # noqa: F401  (sets flax config)
 from distill.models import PRESETS, ModelConfig, Transformer, count_params, get_preset
+from distill.models import rope as rope_lib
 
 TINY = dict(vocab_size=37, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
             max_seq_len=64, rope_theta=500.0)
@@ -19,6 +21,18 @@ VARIANTS = {
     # remat and unroll change the schedule, never the numbers.
     'qwen2_tied': dict(qkv_bias=True, tie_embeddings=True, n_kv_heads=1, remat=True,
                        scan_unroll=2),
+    # Every Gemma 2/3 option at once (caps near the random model's scores and logits, ~3 and
+    # ~50), with sliding and global layers interleaved, the global
+    # ones with linear rope scaling and the sliding ones with a base of their own.
+    'gemma': dict(norm_plus_one=True, post_norms=True, embed_scale=True, mlp_activation='gelu_tanh',
+                  qk_norm=True, qkv_bias=False, o_bias=False, query_pre_attn_scalar=10.0,
+                  attn_softcap=3.0, final_softcap=60.0, sliding_window=3, rope_local_theta=50.0,
+                  layer_types=('sliding_attention', 'full_attention'),
+                  rope_scaling={'rope_type': 'linear', 'factor': 4.0}),
+    # Phi-3 style partial rotary with a window in every layer, YaRN, biases on q/k/v and o.
+    'phi3_yarn_bias': dict(partial_rotary_factor=0.5, sliding_window=4, qkv_bias=True,
+                           o_bias=True, rope_scaling={'rope_type': 'yarn', 'factor': 4.0,
+                                                      'original_max_position_embeddings': 8}),
 }
 
 
@@ -51,7 +65,8 @@ def jitted(model, method='__call__', **static_kwargs):
 
 
 def reference_logits(model, tokens_T):
-  """Straightforward float64 NumPy Llama forward of one unpadded sequence (HF conventions)."""
+  """Straightforward float64 NumPy forward of one unpadded sequence (HF conventions), with every
+  architecture option written out; only the rotary frequencies come from distill.models.rope."""
   cfg = model.config
   p = {k: np.asarray(v, np.float64)
        for k, v in nnx.to_pure_dict(nnx.state(model.layers, nnx.Param)).items()}
@@ -60,17 +75,30 @@ def reference_logits(model, tokens_T):
   unembed = embed.T if cfg.tie_embeddings else np.asarray(model.unembed[...], np.float64)
 
   def rms(x, w):
-    return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + cfg.norm_eps) * w
+    return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + cfg.norm_eps) * (
+        1 + w if cfg.norm_plus_one else w)
 
-  def rotate_half(x):
-    return np.concatenate([-x[..., Dh // 2:], x[..., :Dh // 2]], -1)
+  def cap(x, c):
+    return np.tanh(x / c) * c if c else x
 
-  inv_freq = 1.0 / cfg.rope_theta ** (np.arange(0, Dh, 2) / Dh)
-  angle = np.arange(T)[:, None] * inv_freq[None]
-  cos = np.concatenate([np.cos(angle)] * 2, -1)[:, None]
-  sin = np.concatenate([np.sin(angle)] * 2, -1)[:, None]
-  x = embed[tokens_T]
+  def rotary(local):
+    """x -> x rotated on its first R dims (pairs i, i + R/2), the rest passed through."""
+    freq, factor = rope_lib.inv_freq(cfg, local)
+    angle = np.arange(T)[:, None] * np.asarray(freq, np.float64)[None]
+    cos = np.concatenate([np.cos(angle)] * 2, -1)[:, None] * factor
+    sin = np.concatenate([np.sin(angle)] * 2, -1)[:, None] * factor
+    R = cfg.rotary_dim
+
+    def apply(x):
+      rot = np.concatenate([-x[..., R // 2:R], x[..., :R // 2]], -1)
+      return np.concatenate([x[..., :R] * cos + rot * sin, x[..., R:]], -1)
+    return apply
+
+  scale = (cfg.query_pre_attn_scalar or Dh) ** -0.5
+  x = embed[tokens_T] * (np.sqrt(cfg.d_model) if cfg.embed_scale else 1.0)
   for l in range(cfg.n_layers):
+    sliding = cfg.sliding_layers[l]
+    rotate = rotary(sliding)
     h = rms(x, p['attn_norm'][l])
     q, k, v = h @ p['wq'][l], h @ p['wk'][l], h @ p['wv'][l]
     if cfg.qkv_bias:
@@ -78,19 +106,27 @@ def reference_logits(model, tokens_T):
     q, k, v = q.reshape(T, H, Dh), k.reshape(T, K, Dh), v.reshape(T, K, Dh)
     if cfg.qk_norm:
       q, k = rms(q, p['q_norm'][l]), rms(k, p['k_norm'][l])
-    q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    q, k = rotate(q), rotate(k)
     out = np.zeros((T, H, Dh))
     for head in range(H):
       kv = head // (H // K)  # HF repeat_kv: each kv head serves H/K consecutive q heads
-      s = q[:, head] @ k[:, kv].T / np.sqrt(Dh)
+      s = cap(q[:, head] @ k[:, kv].T * scale, cfg.attn_softcap)
       s[np.triu_indices(T, 1)] = -np.inf
+      if sliding:
+        s[np.tril_indices(T, -cfg.sliding_window)] = -np.inf
       w = np.exp(s - s.max(-1, keepdims=True))
       out[:, head] = (w / w.sum(-1, keepdims=True)) @ v[:, kv]
-    x = x + out.reshape(T, H * Dh) @ p['wo'][l]
+    o = out.reshape(T, H * Dh) @ p['wo'][l] + (p['bo'][l] if cfg.o_bias else 0)
+    x = x + (rms(o, p['attn_post_norm'][l]) if cfg.post_norms else o)
     h = rms(x, p['mlp_norm'][l])
     gate = h @ p['w_gate'][l]
-    x = x + (gate / (1 + np.exp(-gate)) * (h @ p['w_up'][l])) @ p['w_down'][l]
-  return rms(x, np.asarray(model.final_norm[...], np.float64)) @ unembed
+    if cfg.mlp_activation == 'silu':
+      act = gate / (1 + np.exp(-gate))
+    else:
+      act = 0.5 * gate * (1 + np.tanh(np.sqrt(2 / np.pi) * (gate + 0.044715 * gate ** 3)))
+    o = (act * (h @ p['w_up'][l])) @ p['w_down'][l]
+    x = x + (rms(o, p['mlp_post_norm'][l]) if cfg.post_norms else o)
+  return cap(rms(x, np.asarray(model.final_norm[...], np.float64)) @ unembed, cfg.final_softcap)
 
 
 @pytest.fixture(scope='module', params=list(VARIANTS))
@@ -153,9 +189,10 @@ def test_prefill_decode_equals_full_forward(model):
   prompt_logits, step_logits, cache = jax.jit(
       lambda s, *a: cached(nnx.merge(graphdef, s), *a))(state, tokens, jnp.asarray(mask[:, :P]))
   real = mask[:, :P] > 0
+  # rtol: the gemma variant's logits are ~50, where fp32 rounding alone exceeds 1e-5.
   np.testing.assert_allclose(np.asarray(prompt_logits)[real], np.asarray(full)[:, :P][real],
-                             atol=1e-5)
-  np.testing.assert_allclose(step_logits, full[:, P:], atol=1e-5)
+                             atol=1e-5, rtol=2e-6)
+  np.testing.assert_allclose(step_logits, full[:, P:], atol=1e-5, rtol=2e-6)
   assert int(cache['index']) == T
   np.testing.assert_array_equal(cache['pos'], mask.sum(1))
   np.testing.assert_array_equal(cache['key_mask'], mask)
@@ -171,11 +208,15 @@ def test_hidden_states_and_output_projection(model):
   assert w.shape == (cfg.d_model, cfg.vocab_size)
   if cfg.tie_embeddings:
     np.testing.assert_array_equal(w, model.embed[...].T)
-  np.testing.assert_allclose(h @ w, jitted(model)(tokens, mask), atol=1e-5)
+  logits = h @ w
+  if cfg.final_softcap:   # Gemma 2: the logits are h @ w soft-capped
+    logits = jnp.tanh(logits / cfg.final_softcap) * cfg.final_softcap
+  np.testing.assert_allclose(logits, jitted(model)(tokens, mask), atol=1e-5)
   # The last layer output, final-normed, is h.
   last = layers[-1]
   normed = last / jnp.sqrt(jnp.mean(last ** 2, -1, keepdims=True) + cfg.norm_eps)
-  np.testing.assert_allclose(normed * model.final_norm[...], h, atol=1e-5)
+  w_norm = model.final_norm[...] + (1 if cfg.norm_plus_one else 0)
+  np.testing.assert_allclose(normed * w_norm, h, atol=1e-5)
 
 
 def test_gradient_matches_finite_difference():
@@ -217,7 +258,8 @@ def expected_params(cfg: ModelConfig) -> int:
   D, F, Dh, V = cfg.d_model, cfg.d_ff, cfg.resolved_head_dim, cfg.vocab_size
   q, kv = cfg.n_heads * Dh, cfg.n_kv_heads * Dh
   per_layer = 2 * D + 2 * D * q + 2 * D * kv + 3 * D * F
-  per_layer += (q + 2 * kv) * cfg.qkv_bias + 2 * Dh * cfg.qk_norm
+  per_layer += (q + 2 * kv) * cfg.qkv_bias + 2 * Dh * cfg.qk_norm + D * cfg.o_bias
+  per_layer += 2 * D * cfg.post_norms
   return V * D * (1 if cfg.tie_embeddings else 2) + D + cfg.n_layers * per_layer
 
 
@@ -257,10 +299,25 @@ def test_bench_presets_match_benchmark_doc():
     (dict(rope_theta=0.0), 'rope_theta'),
     (dict(scan_unroll=0), 'scan_unroll'),
     (dict(n_layers=2.0), 'n_layers'),
+    (dict(rope_scaling={'rope_type': 'longrope'}), 'supported rope types: default, linear'),
+    (dict(rope_scaling={'rope_type': 'yarn', 'factor': 2.0}), 'original_max_position_embeddings'),
+    (dict(layer_types=('sliding_attention', 'full_attention')), 'sliding_window=0'),
+    (dict(sliding_window=2, layer_types=('full_attention',)), 'layer_types'),
+    (dict(mlp_activation='relu'), 'mlp_activation'),
+    (dict(partial_rotary_factor=0.0), 'partial_rotary_factor'),
+    (dict(sliding_window=-1), 'sliding_window'),
 ])
 def test_bad_config_raises(overrides, field):
   with pytest.raises(ValueError, match=field):
     ModelConfig(**{**TINY, **overrides})
+
+
+def test_config_survives_json():
+  """model.json stores the config through JSON, which turns its tuples into lists."""
+  cfg = ModelConfig(**{**TINY, **VARIANTS['gemma']})
+  again = ModelConfig(**json.loads(json.dumps(dataclasses.asdict(cfg))))
+  assert again == cfg and hash(again) == hash(cfg)
+  assert cfg.rope_scaling_dict == {'rope_type': 'linear', 'factor': 4.0}
 
 
 def test_get_preset_errors_and_overrides():
