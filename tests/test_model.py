@@ -11,6 +11,7 @@ from flax import nnx
 
 import distill  # noqa: F401  (sets flax config)
 from distill.models import PRESETS, ModelConfig, Transformer, count_params, get_preset
+from distill.models import presets, sharded
 from distill.models import rope as rope_lib
 
 TINY = dict(vocab_size=37, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
@@ -272,6 +273,29 @@ def test_preset_param_counts(name):
     size = name.split('-')[1]
     nominal = float(size[:-1]) * {'k': 1e3, 'm': 1e6}[size[-1]]
     assert 0.6 < count_params(abstract) / nominal < 1.5
+
+
+# Parameter counts as published (model cards, Gemma 3 report Table 1): the total, or the
+# non-embedding count where only that is given to more than one significant figure.
+PUBLISHED_PARAMS = {
+    'llama-3.2-1b': (1.23e9, 'total'), 'llama-3.2-3b': (3.21e9, 'total'),
+    'gemma-2-2b': (2_614_341_888, 'total'), 'gemma-3-1b': (698e6, 'non_embedding'),
+    'gemma-3-4b': (3209e6, 'non_embedding'), 'qwen3-0.6b': (0.44e9, 'non_embedding'),
+    'qwen3-1.7b': (1.4e9, 'non_embedding'), 'qwen3-4b': (3.6e9, 'non_embedding'),
+    'smollm2-135m': (135e6, 'total'), 'smollm2-360m': (360e6, 'total'),
+    'phi-3-mini': (3.8e9, 'total'), 'phi-4-mini': (3.8e9, 'total'),
+}
+
+
+@pytest.mark.parametrize('name', sorted(PUBLISHED_PARAMS))
+def test_published_model_presets_have_published_sizes(name):
+  cfg = get_preset(name, presets.VOCAB_SIZES[name])
+  _, abstract = sharded.abstract_model(cfg)
+  count = count_params(abstract)
+  figure, kind = PUBLISHED_PARAMS[name]
+  if kind == 'non_embedding':
+    count -= cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
+  assert abs(count / figure - 1) < 0.01, (name, count)
 
 
 def test_count_params_variants():
