@@ -1,5 +1,9 @@
 """Batched generation for any Transformer: one prefill, then a compiled decode loop.
 
+`generate` samples from one model; `joint_generate` decodes a student and a teacher side by
+side, a `JointRule` picking each token from both models' logits (teacher-mixed sampling,
+speculative KD). Both run the same loop (`_decode`).
+
 Shapes are fixed: the KV cache holds P + max_new_tokens slots and outputs are [B, N] with
 N = max_new_tokens. The loop is a `lax.while_loop` that also ends once every row has emitted
 EOS, so short completions cost only their length; the result does not depend on when it ends
@@ -14,6 +18,7 @@ import dataclasses
 import functools
 import math
 import numbers
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -155,6 +160,82 @@ def write_column(out_BxN, i, value_B):
                                              i, axis=1)
 
 
+class JointRule(NamedTuple):
+  """How `joint_generate` picks each token from the student's and the teacher's logits.
+
+  noise(key, B, V) -> the random numbers one step's pick consumes (any pytree of arrays, or
+      None), derived from that step's key. The loop draws every step's noise before it starts
+      (`jax.vmap` over the step keys): random-bit calls inside the loop cost more on CPU than
+      the rest of the sampling.
+  choose(noise, student_logits_BxV, teacher_logits_BxV) -> (token_B, logprob_B, flag_B):
+      the token, its log-probability under the rule's own sampling distribution, and any
+      per-token number the rule reports (e.g. 1 where the teacher replaced the student's
+      token). Logits are fp32.
+  """
+  noise: Callable
+  choose: Callable
+
+
+def _decode(models, prompt_BxP, prompt_mask_BxP, rng, cfg: SamplingConfig, noise, choose):
+  """The decode loop that `generate` and `joint_generate` share.
+
+  Every model in `models` prefills the prompts into its own KV cache, then consumes each
+  chosen token. noise(key, B, V) is one step's noise; choose(noise, *logits_BxV) -> (token_B,
+  {name: value_B}) picks the token from all models' next-token logits (in `models` order) and
+  names the per-token numbers to report. Returns tokens_BxN, mask_BxN and each name as a
+  [B, N] fp32 array, 0 where mask is 0.
+  """
+  B, P = prompt_BxP.shape
+  N = cfg.max_new_tokens
+  prompt_mask_BxP = prompt_mask_BxP.astype(jnp.int32)
+  weights = [model.decoding_weights() for model in models]   # once, outside the loop
+  caches, first_logits = [], []
+  for model, model_weights in zip(models, weights):
+    # Each step feeds its token back, the last one included, hence P + N slots.
+    cache = model.init_cache(B, P + N)
+    last_BxV, cache = model.prefill(prompt_BxP, prompt_mask_BxP, cache, last_only=True,
+                                    weights=model_weights)
+    caches.append(cache)
+    first_logits.append(last_BxV)
+
+  # Step i draws with step_keys[i], all before the loop; vmapping the noise over the keys
+  # gives the same numbers as drawing from each key inside the loop.
+  step_keys = jax.random.split(rng, N)
+  step_noise = jax.vmap(lambda key: noise(key, B, first_logits[0].shape[-1]))(step_keys)
+
+  def draw(i, logits_per_model):
+    noise_i = jax.tree.map(lambda x: x[jnp.minimum(i, N - 1)], step_noise)
+    return choose(noise_i, *logits_per_model)
+
+  # The loop carries step i's draw (token and reported numbers: [B] each), made at the end of
+  # step i-1, rather than [B, V] logits, which XLA copied at every step. The last draw is unused.
+  def body(state):
+    i, (token_B, values), caches, done_B, out = state
+    live_B = ~done_B
+    token_B = jnp.where(live_B, token_B, cfg.pad_id)
+    out = {'tokens_BxN': write_column(out['tokens_BxN'], i, token_B),
+           'mask_BxN': write_column(out['mask_BxN'], i, live_B),
+           **{name: write_column(out[name], i, jnp.where(live_B, value_B, 0.0))
+              for name, value_B in values.items()}}
+    if cfg.eos_id is not None:
+      done_B = done_B | (token_B == cfg.eos_id)
+    logits_per_model, caches = zip(*(model.decode_step(token_B[:, None], cache, weights=model_weights)
+                           for model, model_weights, cache in zip(models, weights, caches)))
+    return i + 1, draw(i + 1, logits_per_model), caches, done_B, out
+
+  def cond(state):
+    i, _, _, done_B, _ = state
+    return (i < N) & ~jnp.all(done_B)
+
+  first = draw(0, first_logits)
+  out = {'tokens_BxN': jnp.full((B, N), cfg.pad_id, jnp.int32),
+         'mask_BxN': jnp.zeros((B, N), jnp.int32),
+         **{name: jnp.zeros((B, N), jnp.float32) for name in first[1]}}
+  done_B = prompt_mask_BxP.sum(axis=1) == 0
+  state = (jnp.zeros((), jnp.int32), first, tuple(caches), done_B, out)
+  return jax.lax.while_loop(cond, body, state)[-1]
+
+
 def generate(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, cfg: SamplingConfig) -> dict:
   """Samples max_new_tokens continuations of left-padded prompts. Pure; jit with cfg static.
 
@@ -168,56 +249,40 @@ def generate(graphdef, params, prompt_BxP, prompt_mask_BxP, rng, cfg: SamplingCo
   A row whose prompt mask is all zero (a padding row) generates nothing (mask all 0).
   """
   model = nnx.merge(graphdef, params)
-  B, P = prompt_BxP.shape
-  validate_sampling(cfg, model.config, P)
-  N = cfg.max_new_tokens
-  prompt_mask_BxP = prompt_mask_BxP.astype(jnp.int32)
-  # Each step feeds its token back, the last one included, hence P + N slots.
-  cache = model.init_cache(B, P + N)
-  weights = model.decoding_weights()   # once, outside the loop
-  logits_BxV, cache = model.prefill(prompt_BxP, prompt_mask_BxP, cache, last_only=True,
-                                    weights=weights)
+  validate_sampling(cfg, model.config, prompt_BxP.shape[1])
 
-  # Step i draws with step_keys[i] (as sample_from_logits would), all before the loop.
-  step_keys = jax.random.split(rng, N)
-  noise_NxBxG = None if cfg.temperature == 0 else jax.vmap(
-      lambda key: gumbel_noise(key, (B,), logits_BxV.shape[-1]))(step_keys)
+  def noise(key, B, V):
+    return None if cfg.temperature == 0 else gumbel_noise(key, (B,), V)
 
-  def draw(i, logits_BxV):
-    noise_BxG = None if noise_NxBxG is None else noise_NxBxG[jnp.minimum(i, N - 1)]
-    return sample_with_noise(noise_BxG, logits_BxV, cfg)
+  def choose(noise_BxG, logits_BxV):
+    token_B, logp_B, model_logp_B = sample_with_noise(noise_BxG, logits_BxV, cfg)
+    return token_B, {'logprobs_BxN': logp_B, 'model_logprobs_BxN': model_logp_B}
 
-  # The loop carries step i's draw (token, log-probs: [B] each), made at the end of step i-1,
-  # rather than its [B, V] logits, which XLA copied at every step. The last draw is unused.
-  def body(state):
-    i, (token_B, logp_B, model_logp_B), cache, done_B, out = state
-    live_B = ~done_B
-    token_B = jnp.where(live_B, token_B, cfg.pad_id)
-    out = {
-        'tokens_BxN': write_column(out['tokens_BxN'], i, token_B),
-        'mask_BxN': write_column(out['mask_BxN'], i, live_B),
-        'logprobs_BxN': write_column(out['logprobs_BxN'], i, jnp.where(live_B, logp_B, 0.0)),
-        'model_logprobs_BxN': write_column(out['model_logprobs_BxN'], i,
-                                           jnp.where(live_B, model_logp_B, 0.0)),
-    }
-    if cfg.eos_id is not None:
-      done_B = done_B | (token_B == cfg.eos_id)
-    logits_BxV, cache = model.decode_step(token_B[:, None], cache, weights=weights)
-    return i + 1, draw(i + 1, logits_BxV), cache, done_B, out
+  return _decode([model], prompt_BxP, prompt_mask_BxP, rng, cfg, noise, choose)
 
-  def cond(state):
-    i, _, _, done_B, _ = state
-    return (i < N) & ~jnp.all(done_B)
 
-  out = {
-      'tokens_BxN': jnp.full((B, N), cfg.pad_id, jnp.int32),
-      'mask_BxN': jnp.zeros((B, N), jnp.int32),
-      'logprobs_BxN': jnp.zeros((B, N), jnp.float32),
-      'model_logprobs_BxN': jnp.zeros((B, N), jnp.float32),
-  }
-  done_B = prompt_mask_BxP.sum(axis=1) == 0
-  state = (jnp.zeros((), jnp.int32), draw(0, logits_BxV), cache, done_B, out)
-  return jax.lax.while_loop(cond, body, state)[-1]
+def joint_generate(student_graphdef, student_params, teacher_graphdef, teacher_params,
+                   prompt_BxP, prompt_mask_BxP, rng, cfg: SamplingConfig,
+                   rule: JointRule) -> dict:
+  """Decodes with the student's and the teacher's KV caches side by side; `rule` picks each
+  token from both models' next-token logits and both models then consume it.
+
+  Shapes, stopping and randomness follow `generate` (step i's noise comes from
+  split(rng, N)[i]). No gradient reaches either model's params.
+  Returns dict of [B, N] arrays: tokens_BxN, mask_BxN (as in generate), logprobs_BxN and
+  flags_BxN (the rule's logprob_B and flag_B, fp32, 0 where mask is 0).
+  """
+  student = nnx.merge(student_graphdef, jax.lax.stop_gradient(student_params))
+  teacher = nnx.merge(teacher_graphdef, jax.lax.stop_gradient(teacher_params))
+  for model in (student, teacher):
+    validate_sampling(cfg, model.config, prompt_BxP.shape[1])
+
+  def choose(noise, student_logits_BxV, teacher_logits_BxV):
+    token_B, logp_B, flag_B = rule.choose(noise, student_logits_BxV.astype(jnp.float32),
+                                          teacher_logits_BxV.astype(jnp.float32))
+    return token_B.astype(jnp.int32), {'logprobs_BxN': logp_B, 'flags_BxN': flag_B}
+
+  return _decode([student, teacher], prompt_BxP, prompt_mask_BxP, rng, cfg, rule.noise, choose)
 
 
 def make_generate_fn(graphdef, cfg: SamplingConfig):

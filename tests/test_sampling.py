@@ -1,5 +1,6 @@
 """Sampling: greedy = argmax of the full forward, exact sampling distributions and their
-frequencies, EOS, no recompilation, input validation, and the training-batch layout."""
+frequencies, EOS, no recompilation, input validation, joint student-teacher decoding, and the
+training-batch layout."""
 import dataclasses
 
 import jax
@@ -9,6 +10,7 @@ import pytest
 import scipy.stats
 from flax import nnx
 
+from distill import sampling
 from distill.sampling import (SamplingConfig, make_generate_fn, sample_from_logits, sampling_logits,
                               training_batch, validate_sampling)
 from test_model import TINY, jitted, make_model
@@ -226,6 +228,43 @@ def test_bad_sampling_params_raise_before_compilation(model, overrides, field):
   with pytest.raises(ValueError, match=field):
     make_generate_fn(graphdef, cfg)(params, prompt, mask, rng)
   assert _compiles == []
+
+
+@pytest.mark.parametrize('follow', ['student', 'teacher'])
+def test_joint_generate_with_one_models_draw_is_generate(model, follow):
+  """A rule that takes one model's sample, from the noise generate would draw, reproduces
+  generate of that model bit for bit: both caches consume the chosen tokens, step i's noise
+  comes from step i's key, EOS stops rows the same way."""
+  cfg = SamplingConfig(N, temperature=1.3, top_k=20, eos_id=4, pad_id=PAD)
+  student_graph, student_params = nnx.split(model)
+  teacher_graph, teacher_params = nnx.split(make_model(seed=5, n_layers=1))
+  followed = 0 if follow == 'student' else 1
+
+  def noise(key, B, V):
+    return sampling.gumbel_noise(key, (B,), V)
+
+  def choose(noise_BxG, student_logits_BxV, teacher_logits_BxV):
+    logits_BxV = (student_logits_BxV, teacher_logits_BxV)[followed]
+    token_B, logp_B, _ = sampling.sample_with_noise(noise_BxG, logits_BxV, cfg)
+    return token_B, logp_B, jnp.full(token_B.shape, followed, jnp.float32)
+
+  prompt, mask = left_pad([PROMPT_A, PROMPT_B, [], [7, 7]] * 4)
+
+  @jax.jit
+  def both(student_params, teacher_params, rng):
+    joint = sampling.joint_generate(student_graph, student_params, teacher_graph,
+                                    teacher_params, prompt, mask, rng, cfg,
+                                    sampling.JointRule(noise, choose))
+    graph, params = ((student_graph, student_params), (teacher_graph, teacher_params))[followed]
+    return joint, sampling.generate(graph, params, prompt, mask, rng, cfg)
+
+  joint, alone = jax.tree.map(np.asarray, both(student_params, teacher_params,
+                                               jax.random.key(3)))
+  for key in ('tokens_BxN', 'mask_BxN', 'logprobs_BxN'):
+    np.testing.assert_array_equal(joint[key], alone[key])
+  np.testing.assert_array_equal(joint['flags_BxN'], followed * alone['mask_BxN'])
+  np.testing.assert_array_equal(alone['mask_BxN'][2::4], 0)   # the padding rows
+  assert 0 < alone['mask_BxN'].sum() < alone['mask_BxN'].size   # some rows stopped at EOS
 
 
 def test_training_batch_layout():
