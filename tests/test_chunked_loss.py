@@ -1,5 +1,5 @@
-"""The chunked loss equals the plain (full-logits) loss in value and gradient, and is flat in
-memory."""
+"""The chunked loss and the top-k loss equal their plain (full-logits) forms in value and
+gradient, and the chunked loss is flat in memory."""
 import numpy as np
 import pytest
 import jax
@@ -107,6 +107,35 @@ def test_traced_closure_and_bfloat16():
   np.testing.assert_allclose(value, want[0], rtol=3e-2)
   for got, ref in zip(grads, want[1]):
     assert np.abs(np.asarray(got, np.float32) - ref).max() < 5e-2 * np.abs(ref).max()
+
+
+K = 4
+_teacher_logprobs = jax.nn.log_softmax(jnp.asarray(_rng.normal(size=(B, T, V)) * 3, jnp.float32))
+TOPK_LOGPROBS, TOPK_IDS = jax.lax.top_k(_teacher_logprobs, K)
+
+
+@pytest.mark.parametrize('tail', ['bucket', 'ignore'])
+def test_topk_loss_chunked_equals_plain_and_full_logits(tail):
+  def token_fn(logits_NxV, ids_NxK, logprobs_NxK, targets_N, mask_N):
+    return (0.7 * L.topk_forward_kl(logits_NxV, ids_NxK, logprobs_NxK, mask_N, tail=tail,
+                                    temperature=1.5)
+            + 0.3 * L.cross_entropy(logits_NxV, targets_N, mask_N))
+
+  def value_and_grads_topk(chunk_size):
+    fn = lambda h, w, logprobs: L.topk_loss(h, w, TOPK_IDS, logprobs, TARGETS, WEIGHTS,
+                                            token_fn, chunk_size)
+    return jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2)))(STUDENT_H, STUDENT_W,
+                                                              TOPK_LOGPROBS)
+
+  plain = value_and_grads_topk(0)
+  mask = WEIGHTS != 0
+  direct = jax.jit(lambda: jnp.sum(WEIGHTS * token_fn(
+      STUDENT_H @ STUDENT_W, TOPK_IDS, TOPK_LOGPROBS, jnp.where(mask, TARGETS, 0), mask)))()
+  np.testing.assert_allclose(plain[0], direct, rtol=1e-6)
+  for chunk_size in (1, 3, 5, 64):
+    assert_same(value_and_grads_topk(chunk_size), plain)
+  # The teacher's log-probs are constants in both forms.
+  assert np.all(np.asarray(plain[1][2]) == 0)
 
 
 def test_chunked_temp_memory_is_a_fraction_of_plain():

@@ -14,12 +14,13 @@ from distill.losses.objective import cross_entropy, hinton, token_objective
 from distill.losses.reductions import MODES, reduce, sum_and_count, token_weights
 from distill.losses.taid import (taid_init, taid_loss, taid_teacher_logits, taid_token_fn,
                                  taid_update)
-from distill.losses.topk import teacher_topk, topk_forward_kl
-from distill.losses.chunked import chunked_loss, plain_loss
+from distill.losses.topk import teacher_topk, topk_forward_kl, topk_loss
+from distill.losses.chunked import chunk_scan, chunked_loss, plain_loss
 
 __all__ = [
     'NAMES', 'get', 'kl_from_logprobs', 'hidden_state_loss', 'init_hidden_projections',
     'cross_entropy', 'hinton', 'token_objective', 'MODES', 'reduce', 'sum_and_count',
     'token_weights', 'taid_init', 'taid_loss', 'taid_teacher_logits', 'taid_token_fn',
-    'taid_update', 'teacher_topk', 'topk_forward_kl', 'chunked_loss', 'plain_loss',
+    'taid_update', 'teacher_topk', 'topk_forward_kl', 'topk_loss', 'chunk_scan', 'chunked_loss',
+    'plain_loss',
 ]

@@ -12,7 +12,8 @@ computes, per chunk, the loss *and* its gradient with respect to the chunk's stu
 states and the student projection (accumulated), so the backward pass only scales those
 stored [N, D] and [D, V] arrays by the incoming cotangent; no logits are kept for it.
 Chunks whose weights are all zero (prompt, padding) are skipped with `lax.cond`, so
-positions without loss cost no logits.
+positions without loss cost no logits. That scan is `chunk_scan`, which takes any per-block
+weighted sum; the top-k loss (`distill.losses.topk.topk_loss`) runs through it too.
 
 Peak memory is about (chunk / (B·T)) of the plain form's working set plus [D, V]-sized
 gradient buffers: at V=128256, B·T=4096, D=512, XLA's temp size is 25% of plain at chunk
@@ -34,7 +35,8 @@ import jax.numpy as jnp
 from distill.losses.objective import TokenFn
 
 
-def _logits(h_NxD, w_DxV, vocab_size):
+def logits_from_hidden(h_NxD, w_DxV, vocab_size: int | None = None):
+  """fp32 logits [N, V]; columns from vocab_size on (the projection's padding) are −inf."""
   logits = jnp.einsum('nd,dv->nv', h_NxD, w_DxV, preferred_element_type=jnp.float32)
   if vocab_size is not None and vocab_size < logits.shape[-1]:
     logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf)
@@ -44,8 +46,8 @@ def _logits(h_NxD, w_DxV, vocab_size):
 def _weighted_sum(token_fn, vocab_size, student_h, student_w, teacher_h, teacher_w,
                   targets, weights):
   """Σ w·ℓ over a flat [N] block of tokens; the unit both forms evaluate."""
-  student_logits = _logits(student_h, student_w, vocab_size)
-  teacher_logits = None if teacher_h is None else _logits(teacher_h, teacher_w, vocab_size)
+  student_logits = logits_from_hidden(student_h, student_w, vocab_size)
+  teacher_logits = None if teacher_h is None else logits_from_hidden(teacher_h, teacher_w, vocab_size)
   per_token = token_fn(student_logits, teacher_logits, targets)
   return jnp.sum(jnp.where(weights != 0, weights * per_token, 0.0))
 
@@ -87,54 +89,69 @@ def chunked_loss(student_h_BxTxD, student_W_DxV, teacher_h_BxTxD, teacher_W_DxV,
                  mask_BxT, token_fn: TokenFn, *, chunk_size: int = 1024,
                  vocab_size: int | None = None):
   """Memory-flat form, equal to `plain_loss` in value and gradient. Returns (sum, count)."""
-  if not isinstance(chunk_size, int) or chunk_size < 1:
-    raise ValueError(f'chunk_size must be a positive int, got {chunk_size!r}')
   student_h, student_w, teacher_h, teacher_w, targets, weights = _flatten(
       student_h_BxTxD, student_W_DxV, teacher_h_BxTxD, teacher_W_DxV, targets_BxT, mask_BxT,
       vocab_size)
-  n_tokens = weights.shape[0]
+
+  def weighted_sum(h, w, teacher_w, per_token, weights):
+    teacher_h, targets = per_token
+    return _weighted_sum(token_fn, vocab_size, h, w, teacher_h, teacher_w, targets, weights)
+
+  loss_sum = chunk_scan(weighted_sum, student_h, student_w, teacher_w, (teacher_h, targets),
+                        weights, chunk_size)
+  return loss_sum, weights.sum()
+
+
+def chunk_scan(weighted_sum, student_h_NxD, student_w_DxV, shared, per_token, weights_N,
+               chunk_size: int):
+  """Σ over chunks of weighted_sum(student_h_CxD, student_w_DxV, shared, per_token_C, weights_C).
+
+  weighted_sum is a block's Σ w·ℓ (zero where w is 0), differentiable in its first two
+  arguments; `shared` (any pytree, e.g. the teacher's projection) is passed whole to every
+  chunk, `per_token` (a pytree of [N, ...] arrays) a chunk at a time. The result equals
+  weighted_sum over all N tokens at once, in value and in its gradient with respect to
+  student_h_NxD and student_w_DxV; `shared` and `per_token` are constants (no gradient).
+  """
+  if not isinstance(chunk_size, int) or chunk_size < 1:
+    raise ValueError(f'chunk_size must be a positive int, got {chunk_size!r}')
+  n_tokens = weights_N.shape[0]
   chunk = min(chunk_size, n_tokens)
   n_chunks = -(-n_tokens // chunk)
   # Tokens that carry loss go first (stable order), so prompt and padding positions fill
   # whole chunks at the end, which are skipped: compute follows the loss-bearing tokens.
-  order = jnp.argsort(weights == 0, stable=True)
+  order = jnp.argsort(weights_N == 0, stable=True)
 
   def chunks(x):  # [N, ...] -> [n_chunks, chunk, ...], reordered, zero-padded (zero weight)
     x = jnp.pad(x[order], [(0, n_chunks * chunk - n_tokens)] + [(0, 0)] * (x.ndim - 1))
     return x.reshape(n_chunks, chunk, *x.shape[1:])
 
-  teacher_h = None if teacher_h is None else chunks(teacher_h)
-  loss_sum = _scan_loss(token_fn, vocab_size, chunks(student_h), student_w, teacher_h,
-                        teacher_w, chunks(targets), chunks(weights))
-  return loss_sum, weights.sum()
+  shared, per_token = jax.lax.stop_gradient((shared, per_token))
+  return _scan_loss(weighted_sum, chunks(student_h_NxD), student_w_DxV, shared,
+                    jax.tree.map(chunks, per_token), chunks(weights_N))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _scan_loss(token_fn, vocab_size, student_h, student_w, teacher_h, teacher_w, targets,
-               weights):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _scan_loss(weighted_sum, student_h, student_w, shared, per_token, weights):
   """Σ over chunks (value only: what runs when no gradient is taken)."""
   def body(total, xs):
-    h, th, tgt, w = xs
-    value = jax.lax.cond(
-        jnp.any(w != 0),
-        lambda: _weighted_sum(token_fn, vocab_size, h, student_w, th, teacher_w, tgt, w),
-        lambda: jnp.float32(0.0))
+    h, chunk_inputs, w = xs
+    value = jax.lax.cond(jnp.any(w != 0),
+                         lambda: weighted_sum(h, student_w, shared, chunk_inputs, w),
+                         lambda: jnp.float32(0.0))
     return total + value, None
-  total, _ = jax.lax.scan(body, jnp.float32(0.0), (student_h, teacher_h, targets, weights))
+  total, _ = jax.lax.scan(body, jnp.float32(0.0), (student_h, per_token, weights))
   return total
 
 
-def _scan_loss_fwd(token_fn, vocab_size, student_h, student_w, teacher_h, teacher_w, targets,
-                   weights):
-  value_and_grad = jax.value_and_grad(
-      functools.partial(_weighted_sum, token_fn, vocab_size), argnums=(0, 1))
+def _scan_loss_fwd(weighted_sum, student_h, student_w, shared, per_token, weights):
+  value_and_grad = jax.value_and_grad(weighted_sum, argnums=(0, 1))
 
   def body(carry, xs):
-    h, th, tgt, w = xs
+    h, chunk_inputs, w = xs
 
     def compute(carry):
       total, dw = carry
-      value, (dh_chunk, dw_chunk) = value_and_grad(h, student_w, th, teacher_w, tgt, w)
+      value, (dh_chunk, dw_chunk) = value_and_grad(h, student_w, shared, chunk_inputs, w)
       return (total + value, dw + dw_chunk.astype(jnp.float32)), dh_chunk
 
     def skip(carry):
@@ -143,15 +160,14 @@ def _scan_loss_fwd(token_fn, vocab_size, student_h, student_w, teacher_h, teache
     return jax.lax.cond(jnp.any(w != 0), compute, skip, carry)
 
   init = (jnp.float32(0.0), jnp.zeros(student_w.shape, jnp.float32))
-  (total, dw), dh = jax.lax.scan(body, init, (student_h, teacher_h, targets, weights))
+  (total, dw), dh = jax.lax.scan(body, init, (student_h, per_token, weights))
   return total, (dh, dw.astype(student_w.dtype))
 
 
-def _scan_loss_bwd(token_fn, vocab_size, residuals, cotangent):
-  del token_fn, vocab_size
+def _scan_loss_bwd(weighted_sum, residuals, cotangent):
+  del weighted_sum
   dh, dw = residuals
-  return ((cotangent * dh).astype(dh.dtype), (cotangent * dw).astype(dw.dtype),
-          None, None, None, None)
+  return ((cotangent * dh).astype(dh.dtype), (cotangent * dw).astype(dw.dtype), None, None, None)
 
 
 _scan_loss.defvjp(_scan_loss_fwd, _scan_loss_bwd)

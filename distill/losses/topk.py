@@ -17,13 +17,16 @@ explicitly:
                  so mass the student puts outside the top-k is also penalised.
 
 Ids must be distinct within a position (as `lax.top_k` returns them).
+
+`topk_loss` is the weighted token sum of such a loss straight from the student's final
+hidden states, plain or through the chunked loss's scan (`chunked.chunk_scan`).
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from distill.losses import divergences
+from distill.losses import chunked, divergences
 
 TAILS = ('bucket', 'ignore')
 
@@ -100,3 +103,38 @@ def topk_forward_kl(student_logits_BxTxV, topk_ids_BxTxK, topk_logprobs_BxTxK, m
         jnp.concatenate([log_p, log_p_tail[..., None]], axis=-1),
         jnp.concatenate([log_q, log_q_tail[..., None]], axis=-1))
   return jnp.where(valid, kl, 0.0)
+
+
+def topk_loss(student_h_BxTxD, student_w_DxV, ids_BxTxK, logprobs_BxTxK, targets_BxT,
+              weights_BxT, token_fn, chunk_size: int = 0):
+  """Σ weights·token_fn(student logits, ids, logprobs, targets, mask) over tokens.
+
+  token_fn(logits_NxV, ids_NxK, logprobs_NxK, targets_N, mask_N) -> per-token loss [N]
+  (e.g. `topk_forward_kl` plus cross-entropy); mask is weights != 0. chunk_size > 0: at most
+  chunk_size tokens' [chunk, V] logits exist at a time (`chunked.chunk_scan`), with the same
+  value and gradient as chunk_size = 0. The gradient reaches student_h and student_w only.
+  """
+  B, T, D = student_h_BxTxD.shape
+  K = ids_BxTxK.shape[-1]
+  if ids_BxTxK.shape != (B, T, K) or logprobs_BxTxK.shape != (B, T, K):
+    raise ValueError(f'top-k ids {ids_BxTxK.shape} and log-probs {logprobs_BxTxK.shape} must '
+                     f'be [{B}, {T}, K] like the student hidden states {student_h_BxTxD.shape}')
+  if targets_BxT.shape != (B, T) or weights_BxT.shape != (B, T):
+    raise ValueError(f'targets {targets_BxT.shape} and weights {weights_BxT.shape} must be '
+                     f'{(B, T)}')
+  h_NxD = student_h_BxTxD.reshape(B * T, D)
+  per_token = jax.lax.stop_gradient((ids_BxTxK.reshape(B * T, K),
+                                     logprobs_BxTxK.reshape(B * T, K), targets_BxT.reshape(-1)))
+  weights_N = jax.lax.stop_gradient(weights_BxT.reshape(-1).astype(jnp.float32))
+
+  def weighted_sum(h_CxD, w_DxV, shared, per_token, weights_C):
+    del shared   # the teacher is all in the per-token inputs
+    ids_CxK, logprobs_CxK, targets_C = per_token
+    loss_C = token_fn(chunked.logits_from_hidden(h_CxD, w_DxV), ids_CxK, logprobs_CxK, targets_C,
+                      weights_C != 0)
+    return jnp.sum(jnp.where(weights_C != 0, weights_C * loss_C, 0.0))
+
+  if not chunk_size:
+    return weighted_sum(h_NxD, student_w_DxV, None, per_token, weights_N)
+  return chunked.chunk_scan(weighted_sum, h_NxD, student_w_DxV, None, per_token, weights_N,
+                            chunk_size)
