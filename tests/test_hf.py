@@ -145,7 +145,8 @@ def test_bfloat16_load():
 def test_load_dtype_checked():
   with pytest.raises(ValueError, match="dtype must be one of .*'int8'"):
     load_hf(fixture('llama'), dtype='int8')
-  with pytest.raises(ValueError, match=r"dtype must be one of \('float32', 'bfloat16', 'float16'\)"):
+  accepted = r"dtype must be one of \('float32', 'bfloat16', 'float16'\)"
+  with pytest.raises(ValueError, match=accepted):
     load_hf(fixture('llama'), dtype=np.int32)
   if 'float16' not in config_lib.DTYPES:
     for float16 in ('float16', np.float16, jnp.float16):

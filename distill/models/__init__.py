@@ -1,4 +1,4 @@
-"""Decoder-only transformer (Llama / Qwen family), KV cache and size presets."""
+"""Decoder-only transformer (Llama, Qwen, Mistral, Gemma 2-3, Phi-3), KV cache and presets."""
 from distill.models.config import ModelConfig
 from distill.models.presets import PRESETS, get_preset
 from distill.models.transformer import CACHE_AXES, Transformer, count_params

@@ -278,6 +278,10 @@ def _path(key_path) -> tuple[str, ...]:
   return tuple(k.key for k in key_path if isinstance(k, jax.tree_util.DictKey))
 
 
+def _first(pair):
+  return pair[0]
+
+
 def _to_host(x) -> np.ndarray:
   if x.is_fully_addressable:
     return np.asarray(x)
@@ -298,8 +302,8 @@ def hf_tensors(params, cfg: ModelConfig, *, qkv_bias: bool = False,
       block = value[layer] if rule.per_layer else value
       parts.setdefault(rule.hf.format(layer=layer), []).append(
           (rule.offset(cfg), block.T if rule.transpose else block))
-  out = {name: np.ascontiguousarray(np.concatenate([b for _, b in sorted(blocks, key=lambda x: x[0])])
-                                    if len(blocks) > 1 else blocks[0][1])
+  # A fused tensor's parts concatenate in the order of their offsets.
+  out = {name: np.ascontiguousarray(np.concatenate([b for _, b in sorted(blocks, key=_first)]))
          for name, blocks in parts.items()}
   if qkv_bias and not cfg.qkv_bias:
     dtype = out['model.norm.weight'].dtype

@@ -128,7 +128,8 @@ def config_from_hf(hf: dict, dtype: str = 'float32') -> ModelConfig:
   gemma = arch in GEMMA
   return ModelConfig(
       vocab_size=hf['vocab_size'], d_model=hf['hidden_size'], n_layers=n_layers,
-      n_heads=heads, n_kv_heads=hf.get('num_key_value_heads') or heads, d_ff=hf['intermediate_size'],
+      n_heads=heads, n_kv_heads=hf.get('num_key_value_heads') or heads,
+      d_ff=hf['intermediate_size'],
       head_dim=hf.get('head_dim') or hf['hidden_size'] // heads,
       max_seq_len=hf['max_position_embeddings'], rope_theta=theta,
       norm_eps=float(hf.get('rms_norm_eps', 1e-6)),
