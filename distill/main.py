@@ -1,7 +1,8 @@
 """Command line: `python -m distill.main --config=configs/NAME.py[:ARG] --workdir=DIR`.
 
-Any config field can be overridden with `--config.a.b=value`. Starting the same command
-again resumes from the workdir's last checkpoint. On several hosts, start the same
+Any config field can be overridden with `--config.a.b=value`; `--import=FILE.py` (repeatable)
+loads a researcher's own divergences and methods first (distill.plugins). Starting the same
+command again resumes from the workdir's last checkpoint. On several hosts, start the same
 command on each with --coordinator_address, --num_processes and --process_id.
 """
 from __future__ import annotations
@@ -12,29 +13,35 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from distill import plugins
 from distill.train import logging as log_lib
+from distill.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes (hosts).')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process (0 .. num_processes-1).')
+_IMPORT = flags.DEFINE_multi_string(
+    'import', [], 'A module name or .py file to import first (it may register divergences '
+    'and methods); repeatable.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
-USER_ERRORS = (AttributeError, KeyError, ValueError, FileNotFoundError)
+USER_ERRORS = (AttributeError, KeyError, ValueError, FileNotFoundError, ImportError)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   start_processes()
-  from distill.train import trainer
   trainer.train(_CONFIG.value, _WORKDIR.value)
 
 
 def start_processes():
-  """Quiet library logs and, on several hosts, join the jax.distributed job."""
+  """Quiet library logs, import --import modules and, on several hosts, join the
+  jax.distributed job."""
   log_lib.quiet_libraries()
+  plugins.import_all(_IMPORT.value)
   if _COORDINATOR.value:
     import jax
     # CPU devices need a collectives library across processes (no effect on accelerators).

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,6 +21,29 @@ def run_cli(workdir, *args, env=None, check=True, module='distill.main', timeout
   if check and proc.returncode != 0:
     raise AssertionError(f'{cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}')
   return proc
+
+
+def run_cli_killed(workdir, *args, checkpoint_step: int, env=None, module='distill.main',
+                   timeout=600) -> subprocess.CompletedProcess:
+  """Starts the CLI and SIGKILLs it once checkpoint `checkpoint_step` is on disk; returncode
+  is -9 when the kill landed before the run finished."""
+  cmd = [sys.executable, '-m', module, f'--workdir={workdir}', *args]
+  # Files, not pipes: nothing reads a pipe while this polls, and a full one would block.
+  out, err = tempfile.TemporaryFile('w+'), tempfile.TemporaryFile('w+')
+  proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, **(env or {})), stdout=out,
+                          stderr=err, text=True)
+  # Orbax renames a step's directory into place once the step is complete.
+  target = os.path.join(workdir, 'checkpoints', str(checkpoint_step))
+  deadline = time.monotonic() + timeout
+  while proc.poll() is None and not os.path.isdir(target) and time.monotonic() < deadline:
+    time.sleep(0.01)
+  if proc.poll() is None:
+    proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  stdout, stderr = (f.seek(0) or f.read() for f in (out, err))
+  if proc.returncode not in (0, -signal.SIGKILL):
+    raise AssertionError(f'{cmd} failed ({proc.returncode}):\n{stderr}')
+  return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def read_metrics(workdir) -> list[dict]:

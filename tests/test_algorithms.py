@@ -1,5 +1,6 @@
-"""On-policy algorithms: their pieces against independent references, every algorithm from
-the CLI in small mode, GKD's λ over many steps, DistiLLM resumed after SIGKILL, bad input.
+"""On-policy methods and TAID: their pieces against independent references, every one from
+the CLI in small mode, GKD's λ over many steps, DistiLLM and TAID resumed after SIGKILL, bad
+input.
 
 The CLI runs start together (subprocesses sharing a persistent compilation cache, with
 XLA's backend optimisation off: compile time dominates these tiny runs) and each test
@@ -15,25 +16,28 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from distill import algorithms, sampling
-from distill.algorithms import distillm, minillm, rollout
-from distill.train import step as step_lib
+from distill import sampling
+from distill.algorithms import distillm, hooks, minillm, policy_gradient
+from distill.train import run as run_lib
 from distill.train import trainer
-from tests.helpers import read_metrics, run_cli, small_config
+from tests.helpers import read_metrics, run_cli, run_cli_killed, small_config
 
 FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
 COMMON = ['--config.mesh.data=1', '--config.eval.generate=False', '--config.data.eval_batch_size=4']
 LAMBDA, LAMBDA_STEPS = 0.3, 200
 # DistiLLM: φ grows by 0.5 at every evaluation (each step) after the first (eps < 0), so by
-# the kill after step 5 the buffer has filled, and the steps redone after the resume from
-# step 4 replay from it.
-KILL_AT, DISTILLM_STEPS = 5, 7
+# the kill once checkpoint 4 is written the buffer has filled, and the steps redone after
+# the resume replay from it.
+KILL_AT, DISTILLM_STEPS = 4, 7
 DISTILLM = ['--config=configs/arithmetic_distillm.py:small', *COMMON,
             f'--config.total_steps={DISTILLM_STEPS}', '--config.checkpoint_steps=2',
             '--config.eval_steps=1', '--config.log_steps=1',
             '--config.data.batch_size=4', '--config.algorithm.kwargs.capacity=8',
             '--config.algorithm.kwargs.loss_eps=-1e9',
             '--config.algorithm.kwargs.threshold_step=0.5']
+TAID = ['--config=configs/arithmetic_taid.py:small', *COMMON, '--config.total_steps=7',
+        '--config.checkpoint_steps=2', '--config.log_steps=1',
+        '--config.algorithm.kwargs.alpha=0.5']   # a large step: t moves visibly each step
 SHORT = [*COMMON, '--config.total_steps=2', '--config.checkpoint_steps=2', '--config.log_steps=1']
 CLI_JOBS = {
     'gkd': [['--config=configs/arithmetic_gkd.py:small', *COMMON, '--config.data.batch_size=2',
@@ -44,8 +48,11 @@ CLI_JOBS = {
     'onpolicy_rkl': [['--config=configs/arithmetic_onpolicy_rkl.py:small', *SHORT]],
     'skd': [['--config=configs/arithmetic_skd.py:small', *SHORT]],
     'distillm': [DISTILLM],
-    'distillm_resumed': [DISTILLM, DISTILLM],   # the first is SIGKILLed after step KILL_AT
+    'distillm_resumed': [DISTILLM, DISTILLM],   # the first is SIGKILLed at checkpoint KILL_AT
+    'taid': [TAID],
+    'taid_resumed': [TAID, TAID],
 }
+RESUMED = ('distillm_resumed', 'taid_resumed')
 
 
 @pytest.fixture(scope='module')
@@ -75,12 +82,12 @@ def cli_runs(tmp_path_factory, teacher_dir):
   def job(name):
     workdir = str(root / name)
     for i, args in enumerate(CLI_JOBS[name]):
-      killed = name == 'distillm_resumed' and i == 0
-      run_env = dict(env, DISTILL_KILL_AT_STEP=str(KILL_AT)) if killed else env
-      proc = run_cli(workdir, *args, f'--config.teacher.checkpoint={teacher_dir}', env=run_env,
-                     check=not killed)
-      if killed:
-        assert proc.returncode == -9, proc.stderr
+      args = [*args, f'--config.teacher.checkpoint={teacher_dir}']
+      if name in RESUMED and i == 0:
+        killed = run_cli_killed(workdir, *args, checkpoint_step=KILL_AT, env=env)
+        assert killed.returncode == -9, killed.stderr
+      else:
+        run_cli(workdir, *args, env=env)
     return workdir
 
   with concurrent.futures.ThreadPoolExecutor(len(CLI_JOBS)) as pool:
@@ -118,14 +125,18 @@ def test_onpolicy_rkl_from_cli(cli_runs):
 
 
 def test_minillm_from_cli(cli_runs):
-  for r in _train_rows(cli_runs['minillm']):
+  rows = _train_rows(cli_runs['minillm'])
+  assert [r['step'] for r in rows] == [1, 2]
+  for r in rows:
     assert 0 < r['importance_weight'] <= 1 / (1 - 0.2) + 1e-6   # w = q / (0.2·p + 0.8·q)
     assert r['single_step'] >= 0 and math.isfinite(r['long_term'])
     assert r['loss'] == pytest.approx(r['single_step'] + r['long_term'], rel=1e-4, abs=1e-6)
 
 
 def test_skd_from_cli(cli_runs):
-  for r in _train_rows(cli_runs['skd']):
+  rows = _train_rows(cli_runs['skd'])
+  assert [r['step'] for r in rows] == [1, 2]
+  for r in rows:
     assert 0 <= r['replaced'] <= 1 and math.isfinite(r['loss'])
 
 
@@ -142,12 +153,25 @@ def test_distillm_resumes_with_the_same_buffer_and_schedule(cli_runs):
   assert sum(r['source_replay'] for r in rows if r['step'] > 4) > 0
   assert sum(r['source_fresh'] for r in rows) >= 2
   a, b = _final_state(straight, DISTILLM_STEPS), _final_state(resumed, DISTILLM_STEPS)
-  assert int(a['algo']['size']) == 8
+  assert int(a['algo']['rows']['size']) == 8
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   strip = lambda rs: [{k: v for k, v in r.items() if k != 'tokens_per_s'} for r in rs]
   assert strip(read_metrics(straight)) == strip(read_metrics(resumed))
 
+
+def test_taid_moves_t_and_resumes_exactly(cli_runs):
+  straight, resumed = cli_runs['taid'], cli_runs['taid_resumed']
+  t = [r['taid_t'] for r in _train_rows(straight)]
+  assert len(t) == 7 and t[0] == pytest.approx(0.4)
+  # The first update only records the loss; from then on the schedule pushes t up every step.
+  assert t[1] == t[0] and all(b > a for a, b in zip(t[1:], t[2:])), t
+  a, b = _final_state(straight, 7), _final_state(resumed, 7)
+  assert float(a['algo']['objective']['t']) > t[-1]  # the state holds the next step's t
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  strip = lambda rs: [{k: v for k, v in r.items() if k != 'tokens_per_s'} for r in rs]
+  assert strip(read_metrics(straight)) == strip(read_metrics(resumed))
 
 # ---------------------------------------------------------------------- pieces vs references
 
@@ -180,16 +204,16 @@ def test_target_logprobs_and_policy_gradient(chunk_size):
   weights = (jax.random.uniform(k[3], (B, T)) > 0.3).astype(jnp.float32)
   advantage = jax.random.normal(k[4], (B, T))
   log_sample = jnp.full((B, T), -2.0)
-  ctx = step_lib.StepContext(None, None, None, None, chunk_size=chunk_size)
+  ctx = hooks.StepContext(None, None, None, None, chunk_size=chunk_size)
 
   def reference_logq(h, w):
     return jnp.take_along_axis(jax.nn.log_softmax(h @ w), targets[..., None], -1)[..., 0]
 
   @jax.jit
   def compute(h, w):
-    log_q = rollout.target_logprobs(h, w, targets, chunk_size)
+    log_q = policy_gradient.target_logprobs(h, w, targets, chunk_size)
     coef = jnp.exp(log_q - log_sample) * advantage * weights
-    surrogate = lambda h, w: rollout.policy_gradient_loss(ctx, h, w, targets, coef)
+    surrogate = lambda h, w: policy_gradient.policy_gradient_loss(ctx, h, w, targets, coef)
     objective = lambda h, w: -jnp.sum(jnp.exp(reference_logq(h, w) - log_sample) * advantage
                                       * weights)
     return (log_q, reference_logq(h, w), jax.grad(surrogate, (0, 1))(h, w),
@@ -201,43 +225,9 @@ def test_target_logprobs_and_policy_gradient(chunk_size):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_joint_generate_reproduces_generate():
-  """With a rule that takes the student's sample, the two-cache loop is sampling.generate."""
-  from distill.models import get_preset
-  from distill.parallel import mesh as mesh_lib
-  from distill.models import sharded
-  mesh = mesh_lib.make_mesh({'data': 1})
-  models = []
-  for seed, n_layers in ((0, 2), (1, 1)):
-    config = get_preset('tiny', vocab_size=13, max_seq_len=16, n_layers=n_layers)
-    models.append((sharded.abstract_model(config)[0],
-                   sharded.init_params(config, jax.random.PRNGKey(seed), mesh)))
-  (s_graph, s_params), (t_graph, t_params) = models
-  cfg = sampling.SamplingConfig(max_new_tokens=6, temperature=1.3, eos_id=3, pad_id=0)
-  prompt = jnp.array([[0, 0, 5, 6], [7, 8, 9, 10], [0, 0, 0, 0]], jnp.int32)
-  prompt_mask = (prompt > 0).astype(jnp.int32)
-
-  def student_rule(rng, student_logits, teacher_logits):
-    token, logp, _ = sampling.sample_from_logits(rng, student_logits, cfg)
-    return token, logp, jnp.ones(token.shape)
-
-  @jax.jit
-  def both(s_params, t_params, rng):
-    joint = rollout.joint_generate(s_graph, s_params, t_graph, t_params, prompt, prompt_mask,
-                                   rng, cfg, student_rule)
-    return joint, sampling.generate(s_graph, s_params, prompt, prompt_mask, rng, cfg)
-
-  joint, alone = both(s_params, t_params, jax.random.PRNGKey(1))
-  for key in ('tokens_BxN', 'mask_BxN', 'logprobs_BxN'):
-    np.testing.assert_allclose(joint[key], alone[key], rtol=1e-5, atol=1e-6)
-  np.testing.assert_array_equal(joint['flags_BxN'], alone['mask_BxN'])
-  assert int(alone['mask_BxN'][2].sum()) == 0   # the padding row generates nothing
-  assert 0 < int(alone['mask_BxN'].sum()) < 12  # some row stopped at EOS, some ran on
-
-
 def test_skd_replaces_proposals_outside_the_teacher_top_k():
   from distill.algorithms import skd
-  algo = skd.SKD.__new__(skd.SKD)
+  algo = skd.InterleavedRows.__new__(skd.InterleavedRows)
   algo.sampling = sampling.SamplingConfig(max_new_tokens=1)
   big = 50.0
   student = jnp.array([[0, 0, 0, 0, big]] * 2)            # always proposes token 4
@@ -245,7 +235,9 @@ def test_skd_replaces_proposals_outside_the_teacher_top_k():
                        [3, big, 2, 1, 4]])                 # token 4 ranks 2nd: kept for K >= 2
   for k, expected, replaced in ((1, [0, 1], [1, 1]), (2, [0, 4], [1, 0]), (5, [4, 4], [0, 0])):
     algo.options = {'top_k_teacher': k}
-    token, _, flag = jax.jit(algo._choose)(jax.random.PRNGKey(k), student, teacher)
+    rule = algo.rule()
+    token, _, flag = jax.jit(lambda key: rule.choose(rule.noise(key, 2, 5), student, teacher))(
+        jax.random.PRNGKey(k))
     np.testing.assert_array_equal(token, expected)
     np.testing.assert_array_equal(flag, replaced)
 
@@ -253,13 +245,13 @@ def test_skd_replaces_proposals_outside_the_teacher_top_k():
 def test_distillm_schedule_after_eval():
   """Released-code semantics: the first evaluation sets the reference; a rise of ≥ eps over
   it adds threshold_step (capped at 1) and moves the reference; smaller changes do nothing."""
-  algo = distillm.DistiLLM.__new__(distillm.DistiLLM)
-  algo.options = dict(distillm.DistiLLM.DEFAULTS, threshold_step=0.4)
-  state = {'algo': {'threshold': jnp.float32(0.0), 'reference_loss': jnp.float32(jnp.inf)}}
+  rows = distillm.AdaptiveReplayRows.__new__(distillm.AdaptiveReplayRows)
+  rows.options = dict(distillm.AdaptiveReplayRows.DEFAULTS, threshold_step=0.4)
+  state = {'threshold': jnp.float32(0.0), 'reference_loss': jnp.float32(jnp.inf)}
   seen = []
   for loss in (2.0, 1.5, 2.05, 2.2, 1.0, 2.25, 2.4, 2.6):
-    state = algo.after_eval(state, {'ce': loss})
-    seen.append((float(state['algo']['threshold']), float(state['algo']['reference_loss'])))
+    state = rows.after_eval(state, {'ce': loss})
+    seen.append((float(state['threshold']), float(state['reference_loss'])))
   expected = [(0.0, 2.0), (0.0, 2.0), (0.0, 2.0), (0.4, 2.2), (0.4, 2.2), (0.4, 2.2), (0.8, 2.4),
               (1.0, 2.6)]
   np.testing.assert_allclose(seen, expected, rtol=1e-6)
@@ -269,8 +261,8 @@ def test_distillm_schedule_after_eval():
 
 
 BAD_KWARGS = [
-    ('gkd', {'lmbda': 1.5}, 'lmbda must be a probability in [0, 1]'),
-    ('gkd', {'lmbda': -0.1}, 'lmbda must be a probability in [0, 1]'),
+    ('gkd', {'lmbda': 1.5}, 'lmbda must be a number in [0, 1]'),
+    ('gkd', {'lmbda': -0.1}, 'lmbda must be a number in [0, 1]'),
     ('gkd', {'seq_kd': 'yes'}, 'seq_kd must be True or False'),
     ('gkd', {'temperature': -1.0}, 'temperature must be a finite number >= 0'),
     ('onpolicy_rkl', {'top_p': 0.0}, 'top_p must be in (0, 1]'),
@@ -306,12 +298,13 @@ def test_wrong_loss_and_missing_teacher_are_refused(teacher_dir, tmp_path):
   config = small_config('arithmetic_minillm')
   config.teacher.checkpoint = teacher_dir
   config.loss.divergence = 'forward_kl'
-  run = trainer.build_run(config, str(tmp_path))
-  with pytest.raises(ValueError, match='set config.loss.divergence=reverse_kl'):
-    algorithms.get('minillm')(run.config, run).validate()
+  run = run_lib.build_run(config, str(tmp_path))
+  with pytest.raises(ValueError, match=r"minimises reverse_kl, not config.loss.divergence="
+                                       r"'forward_kl': set it to one of \['reverse_kl'\]"):
+    trainer.make_method(run)
   config = small_config('arithmetic_gkd')
   config.loss.kd_weight = 0.0
   config.loss.ce_weight = 1.0
-  run = trainer.build_run(config, str(tmp_path))
+  run = run_lib.build_run(config, str(tmp_path))
   with pytest.raises(ValueError, match='needs a teacher'):
-    algorithms.get('gkd')(run.config, run).validate()
+    trainer.make_method(run)

@@ -427,11 +427,11 @@ def test_config_hparams_of_other_divergences_are_set_aside():
 
 def test_gkd_config_switched_to_forward_kl_builds():
   import jax.numpy as jnp
-  from distill.train import trainer
+  from distill.algorithms import divergence
   from tests.helpers import small_config
   config = small_config('arithmetic_gkd')
   config.loss.divergence = 'forward_kl'        # the config also sets loss.hparams.beta
-  token_fn = trainer.make_token_fn(config, has_teacher=True)
+  token_fn = divergence.make_token_fn(config, has_teacher=True)
   logits = jnp.log(jnp.array([[0.7, 0.2, 0.1]]))
   value = token_fn(logits, logits, jnp.array([0]), jnp.ones((1,)))
   np.testing.assert_allclose(value, 0.0, atol=1e-6)   # KL of equal distributions

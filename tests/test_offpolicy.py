@@ -10,22 +10,21 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
 from distill import algorithms, losses
-from distill.algorithms import cached_teacher, hidden_kd
+from distill.algorithms import divergence, hidden_kd, hooks
 from distill.data import teacher_cache
+from distill.models import sharded
 from distill.parallel import mesh as mesh_lib
 from distill.train import optimizer as opt_lib
-from distill.models import sharded
+from distill.train import run as run_lib
 from distill.train import step as step_lib
 from distill.train import teacher as teacher_lib
-from distill.train import trainer
-from tests.helpers import read_metrics, run_cli, small_config
+from tests.helpers import read_metrics, run_cli, run_cli_killed, small_config
 from tests.test_teacher_cache import export_random_teacher, random_params
 
 FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
@@ -35,7 +34,7 @@ SEQKD = ['--config=configs/arithmetic_seqkd.py:small', *COMMON, '--config.total_
          '--config.algorithm.kwargs.rows_per_shard=16']
 # cached_teacher runs from the CLI in tests/test_sweep.py (a sweep of three students).
 CLI_JOBS = {
-    'seqkd': [SEQKD, SEQKD],   # the first is SIGKILLed after step 3
+    'seqkd': [SEQKD, SEQKD],   # the first is SIGKILLed once checkpoint 2 is written
     'hidden_kd': [['--config=configs/arithmetic_hidden_kd.py:small', *COMMON,
                    '--config.total_steps=3', '--config.model.d_model=16']],
 }
@@ -62,11 +61,12 @@ def cli_jobs(request, tmp_path_factory, teacher_dir):
   def job(name):
     workdir, outputs = str(root / name), []
     for i, args in enumerate(CLI_JOBS[name]):
-      killed = name == 'seqkd' and i == 0
-      proc = run_cli(workdir, *args, f'--config.teacher.checkpoint={teacher_dir}',
-                     env=dict(env, DISTILL_KILL_AT_STEP='3') if killed else env, check=not killed)
-      if killed:
+      args = [*args, f'--config.teacher.checkpoint={teacher_dir}']
+      if name == 'seqkd' and i == 0:
+        proc = run_cli_killed(workdir, *args, checkpoint_step=2, env=env)
         assert proc.returncode == -9, proc.stderr
+      else:
+        proc = run_cli(workdir, *args, env=env)
       outputs.append(proc.stdout)
     return workdir, outputs
 
@@ -94,7 +94,7 @@ def run(teacher_dir, tmp_path_factory):
   config.teacher.checkpoint = teacher_dir
   config.mesh.data = 1
   config.model.d_model = 16
-  return trainer.build_run(config, str(tmp_path_factory.mktemp('run')))
+  return run_lib.build_run(config, str(tmp_path_factory.mktemp('run')))
 
 
 @pytest.fixture(scope='module')
@@ -105,30 +105,29 @@ def initial(run):
   state = {'step': np.int32(0), 'rng': np.zeros(2, np.uint32), 'params': params,
            'opt_state': jax.jit(optimizer.init)(params)}
   graphdef = sharded.abstract_model(run.model_config)[0]
-  return state, step_lib.StepContext(graphdef, run.teacher_graphdef, optimizer,
-                                     trainer.make_token_fn(run.config, True))
+  return state, hooks.StepContext(graphdef, run.teacher_graphdef, optimizer,
+                                  divergence.make_token_fn(run.config, True))
 
 
 @pytest.fixture(scope='module')
 def batch(run):
-  return next(trainer.train_iterator(run))
+  return next(run_lib.train_iterator(run))
 
 
 def _algorithm(run, name, **kwargs):
   config = run.config.copy_and_resolve_references()
   config.algorithm.name = name
   config.algorithm.kwargs = kwargs
-  algorithm = algorithms.get(name)(config, run)
-  algorithm.validate()
-  return algorithm
+  method = algorithms.Method(algorithms.get(name), config, run)
+  method.validate()
+  return method
 
 
-def _one_step(run, algorithm, batch, initial):
-  """(metrics, state) after one step of `algorithm` from the shared initial state."""
+def _one_step(run, method, batch, initial):
+  """(metrics, state) after one step of `method` from the shared initial state."""
   state, ctx = initial
-  state = dict(state, algo=jax.jit(algorithm.init_state)())
-  state, metrics = jax.jit(lambda s, t, b: algorithm.step(ctx, s, t, b))(
-      state, run.teacher_params, batch)
+  state = dict(state, algo=jax.jit(lambda: method.init_state(ctx.optimizer))())
+  state, metrics = jax.jit(step_lib.build_step(ctx, method))(state, run.teacher_params, batch)
   return jax.device_get(metrics), state
 
 
@@ -139,7 +138,7 @@ def test_cached_online_and_supervised_agree(run, initial, tmp_path):
   cached = _algorithm(run, 'cached_teacher', k=V, num_rows=16, batch_size=16,
                       cache_dir=str(tmp_path))
   batch = next(cached.train_batches(None))
-  rows = {k: batch[k] for k in cached_teacher.ROW_KEYS}
+  rows = {k: batch[k] for k in hooks.ROW_KEYS}
   steps = [_one_step(run, cached, batch, initial),
            _one_step(run, _algorithm(run, 'topk_online', k=V), rows, initial),
            _one_step(run, _algorithm(run, 'supervised'), rows, initial)]
@@ -154,50 +153,13 @@ def test_cached_online_and_supervised_agree(run, initial, tmp_path):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize('tail', ['bucket', 'ignore'])
-def test_chunked_topk_loss_equals_plain(tail):
-  config = small_config('arithmetic_cached')
-  config.loss.ce_weight, config.loss.temperature = 0.3, 1.5
-  algo = cached_teacher.CachedTeacher.__new__(cached_teacher.CachedTeacher)
-  algo.config, algo.options = config, {'tail': tail}
-  token_fn = algo.make_token_fn()
-  rng = np.random.default_rng(0)
-  B, T, D, V, K = 2, 7, 6, 13, 4
-  h = rng.normal(size=(B, T, D)).astype(np.float32)
-  w = rng.normal(size=(D, V)).astype(np.float32)
-  teacher = rng.normal(size=(B, T, V)) * 3
-  logprobs_all = teacher - np.log(np.exp(teacher).sum(-1, keepdims=True))
-  ids = np.argsort(-logprobs_all, axis=-1)[..., :K].astype(np.int32)
-  logprobs = np.take_along_axis(logprobs_all, ids, -1).astype(np.float32)
-  targets = rng.integers(0, V, (B, T)).astype(np.int32)
-  weights = ((rng.uniform(size=(B, T)) > 0.4) * np.linspace(0.5, 2, T)).astype(np.float32)
-
-  def loss(chunk):
-    fn = lambda h, w: cached_teacher.topk_loss(h, w, ids, logprobs, targets, weights, token_fn,
-                                               chunk)
-    return jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))(h, w)
-
-  @jax.jit
-  def reference(h, w):   # the loss library's functions on the full [B, T, V] logits
-    logits = jnp.einsum('btd,dv->btv', h, w)
-    mask = weights != 0
-    return jnp.sum(weights * (
-        0.5 * losses.topk_forward_kl(logits, ids, logprobs, mask, tail=tail, temperature=1.5)
-        + 0.3 * losses.cross_entropy(logits, targets, mask)))
-
-  (plain, plain_grads), (chunked, chunked_grads) = loss(0), loss(5)
-  np.testing.assert_allclose(plain, reference(h, w), rtol=1e-5)
-  np.testing.assert_allclose(chunked, plain, rtol=1e-5)
-  for a, b in zip(chunked_grads, plain_grads):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-
-
 def test_hidden_kd_step_against_references(run, initial, batch):
   """The logit part is supervised KD's loss; the hidden part is 1 − cosine through the
   projections, computed in numpy from the models' layer outputs."""
-  algorithm = _algorithm(run, 'hidden_kd', weight=2.0, layer_map='0:1,1:1', kind='cosine')
+  method = _algorithm(run, 'hidden_kd', weight=2.0, layer_map='0:1,1:1', kind='cosine')
   start, ctx = initial
-  projections = jax.device_get(jax.jit(algorithm.init_state)()['projections'])
+  projections = jax.device_get(jax.jit(method.objective.init_trainable)())
+  supervised = divergence.Divergence(run.config, run, {})
 
   @jax.jit
   def references(params):
@@ -205,7 +167,8 @@ def test_hidden_kd_step_against_references(run, initial, batch):
                                             return_layers=True)[1]
               for g, p in ((ctx.student_graphdef, params),
                            (run.teacher_graphdef, run.teacher_params))]
-    return layers, step_lib.distill_loss(ctx, params, run.teacher_params, batch)[0]
+    drawn = hooks.Drawn(batch, {}, {})
+    return layers, supervised.loss(ctx, params, None, run.teacher_params, drawn, {})[0]
 
   (s_layers, t_layers), logit_loss = jax.device_get(references(start['params']))
   mask = batch['loss_mask'] > 0
@@ -216,11 +179,12 @@ def test_hidden_kd_step_against_references(run, initial, batch):
     distances.append(1 - (x * y).sum(-1) / np.linalg.norm(x, axis=-1) / np.linalg.norm(y, axis=-1))
   hidden_loss = np.mean([d[mask] for d in distances])
 
-  metrics, state = _one_step(run, algorithm, batch, initial)
+  metrics, state = _one_step(run, method, batch, initial)
   np.testing.assert_allclose(np.divide(*metrics['hidden_loss']), hidden_loss, rtol=1e-4)
   np.testing.assert_allclose(np.divide(*metrics['logit_loss']), logit_loss, rtol=1e-5)
   np.testing.assert_allclose(metrics['loss'][0], logit_loss + 2.0 * hidden_loss, rtol=1e-4)
-  assert jax.tree.map(np.shape, state['algo']['projections']) == {'0': (16, 32), '1': (16, 32)}
+  assert jax.tree.map(np.shape, state['algo']['trainable']['params']) == {'0': (16, 32),
+                                                                          '1': (16, 32)}
 
 
 def test_default_layer_map_and_parsing():
@@ -263,8 +227,8 @@ def test_cached_teacher_needs_forward_kl(run):
   config = run.config.copy_and_resolve_references()
   config.algorithm.name, config.algorithm.kwargs = 'cached_teacher', {}
   config.loss.divergence = 'jsd'
-  with pytest.raises(ValueError, match='set config.loss.divergence=forward_kl'):
-    algorithms.get('cached_teacher')(config, run).validate()
+  with pytest.raises(ValueError, match='minimises forward_kl, not config.loss.divergence'):
+    algorithms.Method(algorithms.get('cached_teacher'), config, run).validate()
 
 
 # ---------------------------------------------------------------------- CLI, small mode
@@ -320,7 +284,7 @@ def test_hidden_kd_from_cli_trains_and_checkpoints_projections(cli_runs):
     assert r['loss'] == pytest.approx(r['logit_loss'] + r['hidden_loss'], rel=1e-5)
     assert 0 < r['hidden_loss'] < 2   # 1 − cosine
   state = ocp.StandardCheckpointer().restore(os.path.join(workdir, 'checkpoints', '3', 'state'))
-  projections = state['algo']['projections']
+  projections = state['algo']['trainable']['params']
   initial = jax.jit(lambda: losses.init_hidden_projections(
       jax.random.fold_in(jax.random.PRNGKey(0), 1), {0: 0, 1: 1}, 16, 32))()
   assert sorted(projections) == ['0', '1']

@@ -7,8 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from distill import algorithms
 from distill.data import teacher_cache
+from distill.train import run as run_lib
 from distill.train import trainer
 from tests.helpers import small_config
 
@@ -37,16 +37,14 @@ def teachers(tmp_path_factory):
 
 
 def cached_algorithm(teacher: str, workdir: str, **kwargs):
-  """A validated cached_teacher for a tiny run: 32 rows in 4 shards, batches of 8."""
+  """The rows hook of a validated cached_teacher for a tiny run: 32 rows in 4 shards,
+  batches of 8."""
   config = small_config('arithmetic_cached')
   config.teacher.checkpoint = teacher
   config.mesh.data = 1
   config.algorithm.kwargs.update(dict(num_rows=32, rows_per_shard=8, batch_size=8,
                                       cache_dir=os.path.join(workdir, 'cache'), **kwargs))
-  run = trainer.build_run(config, workdir)
-  algorithm = algorithms.get('cached_teacher')(run.config, run)
-  algorithm.validate()
-  return algorithm
+  return trainer.make_method(run_lib.build_run(config, workdir)).rows
 
 
 def read_all(directory):

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from distill.train import teacher as teacher_lib
+from distill.train import run as run_lib
 from distill.train import trainer
-from tests.helpers import read_metrics, run_cli, small_config
+from tests.helpers import read_metrics, run_cli, run_cli_killed, small_config
 
 TEACHER = '--config=configs/arithmetic_teacher.py:small'
 STUDENT = '--config=configs/arithmetic_student.py:small'
@@ -42,12 +43,13 @@ def test_loss_decreases(tmp_path):
 
 
 def test_kill_and_resume_is_bit_identical(tmp_path):
-  """A run SIGKILLed after step 5 and restarted ends exactly like an uninterrupted one."""
+  """A run SIGKILLed after its first checkpoint and restarted ends exactly like an
+  uninterrupted one."""
   args = [STUDENT + ',scratch', '--config.total_steps=8', '--config.checkpoint_steps=2']
   straight, crashed = str(tmp_path / 'straight'), str(tmp_path / 'crashed')
   run_cli(straight, *args)
-  killed = run_cli(crashed, *args, env={'DISTILL_KILL_AT_STEP': '5'}, check=False)
-  assert killed.returncode == -9, killed.stderr          # it really died mid-run
+  killed = run_cli_killed(crashed, *args, checkpoint_step=2)
+  assert killed.returncode == -9, killed.stderr           # it really died mid-run
   assert not os.path.exists(os.path.join(crashed, 'params'))
   run_cli(crashed, *args)
   for a, b in zip(_params(straight), _params(crashed), strict=True):
@@ -135,7 +137,7 @@ def test_student_starts_from_a_finished_run(tmp_path, teacher_dir):
   config = small_config('arithmetic_student', 'small,scratch')
   config.model.init_from = teacher_dir
   config.model.preset = 'student-100k'     # the checkpoint's architecture wins
-  run = trainer.build_run(config, str(tmp_path))
+  run = run_lib.build_run(config, str(tmp_path))
   _, _, teacher_config = teacher_lib.load_exported(teacher_dir, run.mesh)
   assert run.model_config == teacher_config
   for a, b in zip(jax.tree.leaves(jax.device_get(run.initial_params)), _params(teacher_dir),

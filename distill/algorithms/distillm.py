@@ -1,4 +1,4 @@
-"""DistiLLM's adaptive off-policy regime (Ko et al., ICML 2024).
+"""DistiLLM's rows: the adaptive off-policy regime (Ko et al., ICML 2024).
 
 The probability φ of training on student-generated outputs (SGO) starts at
 `init_threshold` (0) and grows by `threshold_step` (0.1, capped at 1) whenever the
@@ -32,25 +32,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distill.algorithms import rollout
-from distill.algorithms.gkd import ROW_KEYS
-from distill.train import step as step_lib
+from distill.algorithms import hooks, rollout
+from distill.algorithms.hooks import ROW_KEYS
 
 REPLAY_RATIOS = ('decreasing', 'constant', 'increasing')
 VAL_METRICS = ('ce', 'perplexity', 'kl_forward', 'kl_reverse')
 DATA, FRESH, REPLAY = 0, 1, 2
 
 
-class DistiLLM(rollout.SamplingAlgorithm):
+class AdaptiveReplayRows(rollout.Sampled):
   DEFAULTS = {**rollout.SAMPLING_DEFAULTS, 'init_threshold': 0.0, 'threshold_step': 0.1,
               'loss_eps': 0.1, 'capacity': 1000, 'replay_ratio': 'decreasing',
               'val_metric': 'ce'}
 
-  def check_options(self, o: dict) -> None:
+  samples = False   # dataset and replayed rows are not fresh samples
+
+  def check(self) -> None:
+    super().check()
+    o = self.options
     for name in ('init_threshold', 'threshold_step'):
-      if not rollout.is_real(o[name]) or not 0.0 <= o[name] <= 1.0:
-        raise self.kwarg_error(name, f'must be in [0, 1], got {o[name]!r}')
-    if not rollout.is_real(o['loss_eps']) or not math.isfinite(o['loss_eps']):
+      self.real_in(name, 0.0, 1.0)
+    if not hooks.is_real(o['loss_eps']) or not math.isfinite(o['loss_eps']):
       raise self.kwarg_error('loss_eps', f'must be a finite number, got {o["loss_eps"]!r}')
     capacity, batch_size = o['capacity'], self.config.data.batch_size
     if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < batch_size:
@@ -86,22 +88,21 @@ class DistiLLM(rollout.SamplingAlgorithm):
     progress = (step + 1).astype(jnp.float32) / self.config.total_steps
     return threshold * (progress if ratio == 'increasing' else 1.0 - progress)
 
-  def step(self, ctx: step_lib.StepContext, state, teacher_params, batch):
-    algo = state['algo']
+  def draw(self, ctx, inputs, batch):
+    state, rng = inputs.state, inputs.rng
     C = self.options['capacity']
-    rng = step_lib.step_rng(state)
     u = jax.random.uniform(jax.random.fold_in(rng, 0))
-    threshold = algo['threshold']
-    full = algo['size'] >= C
-    fresh = (u < self._fresh_probability(threshold, state['step'])) | ((u < threshold) & ~full)
+    threshold = state['threshold']
+    full = state['size'] >= C
+    fresh = (u < self._fresh_probability(threshold, inputs.step)) | ((u < threshold) & ~full)
     source = jnp.where(fresh, FRESH, jnp.where(u < threshold, REPLAY, DATA))
-    buffer_state = {k: algo[k] for k in ('buffer', 'size', 'next')}
+    buffer_state = {k: state[k] for k in ('buffer', 'size', 'next')}
 
     def data(buf):
       return {k: batch[k] for k in ROW_KEYS}, buf
 
     def student(buf):
-      rows, _ = rollout.sample_rows(ctx.student_graphdef, state['params'], batch,
+      rows, _ = rollout.sample_rows(ctx.student_graphdef, inputs.params, batch,
                                     jax.random.fold_in(rng, 1), self.sampling)
       B = rows['tokens'].shape[0]
       slots = (buf['next'] + jnp.arange(B)) % C
@@ -115,13 +116,11 @@ class DistiLLM(rollout.SamplingAlgorithm):
       return {k: buf['buffer'][k][slots] for k in ROW_KEYS}, buf
 
     rows, buffer_state = jax.lax.switch(source, (data, student, replay), buffer_state)
-    state = dict(state, algo=dict(algo, **buffer_state))
-    state, metrics = step_lib.train_step(ctx, state, teacher_params, rows)
     one = jnp.float32(1.0)
-    for name, value in (('data', DATA), ('fresh', FRESH), ('replay', REPLAY)):
-      metrics[f'source_{name}'] = ((source == value).astype(jnp.float32), one)
+    metrics = {f'source_{name}': ((source == value).astype(jnp.float32), one)
+               for name, value in (('data', DATA), ('fresh', FRESH), ('replay', REPLAY))}
     metrics['sgo_probability'] = (threshold, one)
-    return state, metrics
+    return hooks.Drawn(rows, dict(state, **buffer_state), metrics)
 
   def after_eval(self, state, eval_metrics: dict):
     name = self.options['val_metric']
@@ -129,13 +128,12 @@ class DistiLLM(rollout.SamplingAlgorithm):
       raise ValueError(f'DistiLLM val_metric {name!r} is not among the evaluation metrics '
                        f'{sorted(eval_metrics)}')
     loss = float(eval_metrics[name])
-    algo = state['algo']
-    threshold, reference = float(algo['threshold']), float(algo['reference_loss'])
+    threshold, reference = float(state['threshold']), float(state['reference_loss'])
     if not math.isfinite(reference):
       reference = loss
     elif loss >= reference + self.options['loss_eps']:
       threshold = min(threshold + self.options['threshold_step'], 1.0)
       reference = loss
     put = lambda value, like: jax.device_put(np.float32(value), like.sharding)
-    return dict(state, algo=dict(algo, threshold=put(threshold, algo['threshold']),
-                                 reference_loss=put(reference, algo['reference_loss'])))
+    return dict(state, threshold=put(threshold, state['threshold']),
+                reference_loss=put(reference, state['reference_loss']))

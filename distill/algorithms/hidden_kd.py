@@ -1,4 +1,4 @@
-"""Hidden-state KD (DistilBERT's cosine, TinyBERT's MSE) added to any logit loss.
+"""Hidden-state KD (DistilBERT's cosine, TinyBERT's MSE) added to the divergence objective.
 
     loss = logit loss (config.loss, as in supervised KD) + weight · hidden loss
 
@@ -6,9 +6,10 @@ hidden loss = the token reduction (config.loss.reduction) of distill.losses.hidd
 between the outputs of chosen student layers and teacher layers, on completion tokens
 (positions='completion') or on every real token (positions='all'). When the widths differ,
 each mapped student layer has a learned projection [D_student, D_teacher] (TinyBERT's W_h).
-The projections are trained with the student but are not part of it: they live with their
-own optimiser state (same optimiser and schedule as the student, clipped on their own) in
-state['algo'], so checkpoints carry them and the exported student does not.
+The projections are trained with the student but are not part of it: the objective declares
+them (`init_trainable`) and the step builder trains them with their own optimiser state (same
+optimiser and schedule as the student, clipped on their own) in state['algo'], so
+checkpoints carry them and the exported student does not. Any rows hook can feed it.
 
 kwargs: layer_map — student layer → teacher layer, as 'S:T,S:T' (e.g. '0:1,1:3') or a
 dict; '' (default) maps student layer i of L_s to teacher layer round((i+1)·L_t/L_s) − 1,
@@ -22,15 +23,11 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 from distill import losses
-from distill.algorithms import rollout
-from distill.algorithms.cached_teacher import OptionsAlgorithm
+from distill.algorithms import divergence, hooks
 from distill.losses.hidden import KINDS
-from distill.train import optimizer as opt_lib
-from distill.train import step as step_lib
 
 POSITIONS = ('completion', 'all')
 
@@ -55,10 +52,12 @@ def parse_layer_map(value) -> dict[int, int]:
     raise ValueError(f'layers must be integers, got {value!r}') from None
 
 
-class HiddenKD(OptionsAlgorithm):
+class HiddenStates(divergence.Divergence):
   DEFAULTS = {'layer_map': '', 'kind': 'cosine', 'weight': 1.0, 'positions': 'completion'}
+  needs_teacher = True
 
-  def check_options(self, o: dict) -> None:
+  def check(self) -> None:
+    o = self.options
     n_student, n_teacher = self.run.model_config.n_layers, self.run.teacher_config.n_layers
     if o['layer_map'] in ('', None):
       self.layer_map = default_layer_map(n_student, n_teacher)
@@ -75,49 +74,45 @@ class HiddenKD(OptionsAlgorithm):
                                f'{n_student} layers, the teacher {n_teacher}')
     if o['kind'] not in KINDS:
       raise self.kwarg_error('kind', f'must be one of {KINDS}, got {o["kind"]!r}')
-    if not rollout.is_real(o['weight']) or not o['weight'] >= 0:
+    if not hooks.is_real(o['weight']) or not o['weight'] >= 0:
       raise self.kwarg_error('weight', f'must be a number >= 0, got {o["weight"]!r}')
     if o['positions'] not in POSITIONS:
       raise self.kwarg_error('positions', f'must be one of {POSITIONS}, got '
                              f'{o["positions"]!r}')
-    self.optimizer = opt_lib.make_optimizer(self.config)
 
-  def init_state(self):
+  def init_trainable(self):
     key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), 1)
-    projections = losses.init_hidden_projections(
+    return losses.init_hidden_projections(
         key, self.layer_map, self.run.model_config.d_model, self.run.teacher_config.d_model)
-    return {'projections': projections, 'opt_state': self.optimizer.init(projections)}
 
-  def step(self, ctx: step_lib.StepContext, state, teacher_params, batch):
-    algo = state['algo']
-    tokens, input_mask = batch['tokens'], batch['input_mask']
+  def prepare(self, ctx, teacher_params, drawn, state):
+    """The teacher's final hidden states, mapped layers' outputs and output projection."""
+    del state
     teacher = nnx.merge(ctx.teacher_graphdef, jax.lax.stop_gradient(teacher_params))
-    teacher_h, teacher_layers = teacher.hidden_states(tokens, input_mask, return_layers=True)
-    teacher_w = teacher.output_projection()
+    teacher_h, teacher_layers = teacher.hidden_states(
+        drawn.rows['tokens'], drawn.rows['input_mask'], return_layers=True)
+    return teacher_h, teacher_layers, teacher.output_projection()
+
+  def loss(self, ctx, params, projections, teacher_outputs, drawn, state):
+    del state
+    batch = drawn.rows
+    tokens, input_mask = batch['tokens'], batch['input_mask']
+    teacher_h, teacher_layers, teacher_w = teacher_outputs
     weights_BxT, normaliser = losses.token_weights(batch['loss_mask'], ctx.reduction)
     hidden_mask = batch['loss_mask'] if self.options['positions'] == 'completion' else input_mask
     hidden_weights_BxT, hidden_normaliser = losses.token_weights(hidden_mask, ctx.reduction)
 
-    def loss_fn(trainable):
-      student = nnx.merge(ctx.student_graphdef, trainable['params'])
-      h, layers = student.hidden_states(tokens, input_mask, return_layers=True)
-      logit_sum = rollout.weighted_loss(ctx, h, student.output_projection(), teacher_h,
-                                        teacher_w, batch['targets'], weights_BxT, ctx.token_fn)
-      per_token = losses.hidden_state_loss(layers, teacher_layers, hidden_mask, self.layer_map,
-                                           trainable['projections'], kind=self.options['kind'])
-      hidden_sum = jnp.sum(hidden_weights_BxT * per_token)
-      logit_loss = logit_sum / jnp.maximum(normaliser, 1e-9)
-      hidden_loss = hidden_sum / jnp.maximum(hidden_normaliser, 1e-9)
-      loss = logit_loss + self.options['weight'] * hidden_loss
-      one = jnp.float32(1.0)
-      return loss, {'loss': (loss, one), 'logit_loss': (logit_sum, normaliser),
-                    'hidden_loss': (hidden_sum, hidden_normaliser),
-                    'tokens': (batch['loss_mask'].sum(), one)}
-
-    trainable = {'params': state['params'], 'projections': algo['projections']}
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(trainable)
-    updates, opt_state = self.optimizer.update(grads['projections'], algo['opt_state'],
-                                               algo['projections'])
-    state = dict(state, algo={'projections': optax.apply_updates(algo['projections'], updates),
-                              'opt_state': opt_state})
-    return step_lib.apply_gradients(ctx, state, grads['params'], metrics)
+    student = nnx.merge(ctx.student_graphdef, params)
+    h, layers = student.hidden_states(tokens, input_mask, return_layers=True)
+    logit_sum = divergence.weighted_loss(ctx, h, student.output_projection(), teacher_h,
+                                         teacher_w, batch['targets'], weights_BxT, ctx.token_fn)
+    per_token = losses.hidden_state_loss(layers, teacher_layers, hidden_mask, self.layer_map,
+                                         projections, kind=self.options['kind'])
+    hidden_sum = jnp.sum(hidden_weights_BxT * per_token)
+    logit_loss = logit_sum / jnp.maximum(normaliser, 1e-9)
+    hidden_loss = hidden_sum / jnp.maximum(hidden_normaliser, 1e-9)
+    loss = logit_loss + self.options['weight'] * hidden_loss
+    one = jnp.float32(1.0)
+    return loss, {'loss': (loss, one), 'logit_loss': (logit_sum, normaliser),
+                  'hidden_loss': (hidden_sum, hidden_normaliser),
+                  'tokens': (batch['loss_mask'].sum(), one)}

@@ -1,4 +1,4 @@
-"""MiniLLM: reverse KL by policy gradient (Gu et al., ICLR 2024).
+"""MiniLLM's rows and objective: reverse KL by policy gradient (Gu et al., ICLR 2024).
 
 The student minimises KL(q‖p) over whole sequences. With per-token rewards
 r_t = log p(y_t | y<t) − log q(y_t | y<t), the gradient splits into
@@ -31,28 +31,24 @@ import jax
 import jax.numpy as jnp
 
 from distill import sampling
-from distill.algorithms import rollout
-from distill.train import step as step_lib
+from distill.algorithms import divergence, hooks, policy_gradient, rollout
 
 
-class MiniLLM(rollout.SamplingAlgorithm):
-  DEFAULTS = {**rollout.SAMPLING_DEFAULTS, 'teacher_mix': 0.2, 'clip_range': 0.2,
-              'length_norm': True}
+class TeacherMixedRows(rollout.Sampled):
+  """Tokens drawn from α·p + (1−α)·q, both models decoding side by side."""
+  DEFAULTS = {**rollout.SAMPLING_DEFAULTS, 'teacher_mix': 0.2}
   teacher_generates = True
 
-  def check_options(self, o: dict) -> None:
-    if not rollout.is_real(o['teacher_mix']) or not 0.0 <= o['teacher_mix'] < 1.0:
+  def check(self) -> None:
+    super().check()
+    o = self.options
+    if not hooks.is_real(o['teacher_mix']) or not 0.0 <= o['teacher_mix'] < 1.0:
       raise self.kwarg_error('teacher_mix', f'must be in [0, 1), got {o["teacher_mix"]!r}')
-    if not rollout.is_real(o['clip_range']) or not o['clip_range'] > 0:
-      raise self.kwarg_error('clip_range', f'must be > 0, got {o["clip_range"]!r}')
-    if not isinstance(o['length_norm'], bool):
-      raise self.kwarg_error('length_norm', f'must be True or False, got {o["length_norm"]!r}')
-    if o['temperature'] == 0:
-      raise self.kwarg_error('temperature', 'must be > 0: importance weights need a sampling '
-                             'distribution, greedy decoding has none')
-    rollout.require_reverse_kl(self.config, 'MiniLLM')
 
-  def _choose(self, rng, student_logits_BxV, teacher_logits_BxV):
+  def _noise(self, key, B, V):
+    return sampling.gumbel_noise(key, (B,), V)
+
+  def _choose(self, noise_BxG, student_logits_BxV, teacher_logits_BxV):
     """A token of α·p̃_teacher + (1−α)·q̃_student (each after temperature/top-k/top-p)."""
     alpha = self.options['teacher_mix']
     log_q = jax.nn.log_softmax(sampling.sampling_logits(student_logits_BxV, self.sampling), -1)
@@ -60,47 +56,57 @@ class MiniLLM(rollout.SamplingAlgorithm):
     log_mix = jnp.logaddexp(jnp.log1p(-alpha) + log_q,
                             jnp.log(alpha) + log_p) if alpha > 0 else log_q
     plain = sampling.SamplingConfig(max_new_tokens=1)
-    token_B, logp_B, _ = sampling.sample_from_logits(rng, log_mix, plain)
+    token_B, logp_B, _ = sampling.sample_with_noise(noise_BxG, log_mix, plain)
     return token_B, logp_B, jnp.zeros(token_B.shape, jnp.float32)
 
-  def step(self, ctx: step_lib.StepContext, state, teacher_params, batch):
+  def draw(self, ctx, inputs, batch):
     rows, sample = rollout.joint_sample_rows(
-        ctx.student_graphdef, state['params'], ctx.teacher_graphdef, teacher_params, batch,
-        step_lib.step_rng(state), self.sampling, self._choose)
-    scored = rollout.score_samples(ctx, teacher_params, rows, sample)
+        ctx.student_graphdef, inputs.params, ctx.teacher_graphdef, inputs.teacher_params, batch,
+        inputs.rng, self.sampling, sampling.JointRule(self._noise, self._choose))
+    return hooks.Drawn(rows, inputs.state, {}, sample)
+
+
+class MiniLLMObjective(policy_gradient.PolicyGradient):
+  """Single-step term + clipped, length-normalised long-term term (see the module doc)."""
+  DEFAULTS = {'clip_range': 0.2, 'length_norm': True}
+
+  def check(self) -> None:
+    super().check()
+    if not hooks.is_real(self.options['clip_range']) or not self.options['clip_range'] > 0:
+      raise self.kwarg_error('clip_range', f'must be > 0, got {self.options["clip_range"]!r}')
+    self.boolean('length_norm')
+
+  def loss(self, ctx, params, trainable, scored, drawn, state):
+    del trainable, state
+    rows = drawn.rows
     log_mix_BxT, log_p_BxT, mask_BxT = scored.log_sample_BxT, scored.log_p_BxT, scored.mask_BxT
     teacher_h, teacher_w = scored.teacher_h, scored.teacher_w
     weights_BxT, normaliser, norm = scored.weights_BxT, scored.normaliser, scored.norm
-
-    def loss_fn(params):
-      student_h, student_w = step_lib.model_outputs(ctx.student_graphdef, params, rows)
-      log_q_BxT = rollout.target_logprobs(student_h, student_w, rows['targets'], ctx.chunk_size)
-      w_BxT = jnp.where(mask_BxT > 0, jnp.exp(log_q_BxT - log_mix_BxT), 0.0)
-      future_BxT = future_rewards(log_p_BxT - log_q_BxT, mask_BxT, self.options['length_norm'])
-      eps = self.options['clip_range']
-      clipped = jnp.where(future_BxT >= 0, w_BxT > 1 + eps, w_BxT < 1 - eps)
-      # PPO-clip with the ratio at w: where the clipped branch wins, no gradient.
-      coef_BxT = jnp.where(clipped, 0.0, future_BxT * w_BxT) * weights_BxT / norm
-      long_term = rollout.policy_gradient_loss(ctx, student_h, student_w, rows['targets'],
-                                               coef_BxT)
-      single = rollout.weighted_loss(ctx, student_h, student_w, teacher_h, teacher_w,
-                                     rows['targets'], w_BxT * weights_BxT / norm, ctx.token_fn)
-      pg_value = jnp.maximum(-future_BxT * w_BxT,
-                             -future_BxT * jnp.clip(w_BxT, 1 - eps, 1 + eps))
-      metrics = {
-          'loss': (single * norm + (pg_value * weights_BxT).sum(), normaliser),
-          'single_step': (single * norm, normaliser),
-          'long_term': ((pg_value * weights_BxT).sum(), normaliser),
-          'importance_weight': ((w_BxT * mask_BxT).sum(), mask_BxT.sum()),
-          'reward': (((log_p_BxT - log_q_BxT) * mask_BxT).sum(), mask_BxT.sum()),
-          'sample_length': (sample['mask_BxN'].sum().astype(jnp.float32),
-                            jnp.float32(mask_BxT.shape[0])),
-          'tokens': (mask_BxT.sum(), jnp.float32(1.0)),
-      }
-      return single + long_term, metrics
-
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(state['params'])
-    return step_lib.apply_gradients(ctx, state, grads, metrics)
+    student_h, student_w = hooks.model_outputs(ctx.student_graphdef, params, rows)
+    log_q_BxT = policy_gradient.target_logprobs(student_h, student_w, rows['targets'],
+                                                ctx.chunk_size)
+    w_BxT = jnp.where(mask_BxT > 0, jnp.exp(log_q_BxT - log_mix_BxT), 0.0)
+    future_BxT = future_rewards(log_p_BxT - log_q_BxT, mask_BxT, self.options['length_norm'])
+    eps = self.options['clip_range']
+    clipped = jnp.where(future_BxT >= 0, w_BxT > 1 + eps, w_BxT < 1 - eps)
+    # PPO-clip with the ratio at w: where the clipped branch wins, no gradient.
+    coef_BxT = jnp.where(clipped, 0.0, future_BxT * w_BxT) * weights_BxT / norm
+    long_term = policy_gradient.policy_gradient_loss(ctx, student_h, student_w,
+                                                     rows['targets'], coef_BxT)
+    single = divergence.weighted_loss(ctx, student_h, student_w, teacher_h, teacher_w,
+                                      rows['targets'], w_BxT * weights_BxT / norm, ctx.token_fn)
+    pg_value = jnp.maximum(-future_BxT * w_BxT,
+                           -future_BxT * jnp.clip(w_BxT, 1 - eps, 1 + eps))
+    metrics = {
+        'loss': (single * norm + (pg_value * weights_BxT).sum(), normaliser),
+        'single_step': (single * norm, normaliser),
+        'long_term': ((pg_value * weights_BxT).sum(), normaliser),
+        'importance_weight': ((w_BxT * mask_BxT).sum(), mask_BxT.sum()),
+        'reward': (((log_p_BxT - log_q_BxT) * mask_BxT).sum(), mask_BxT.sum()),
+        'sample_length': scored.sample_length,
+        'tokens': (mask_BxT.sum(), jnp.float32(1.0)),
+    }
+    return single + long_term, metrics
 
 
 def future_rewards(rewards_BxT, mask_BxT, length_norm: bool):

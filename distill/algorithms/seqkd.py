@@ -1,11 +1,10 @@
-"""Sequence-level KD (Kim & Rush, 2016): the student learns from the teacher's own outputs.
+"""SeqKD's rows: sequence-level KD (Kim & Rush, 2016), the teacher's own outputs as data.
 
 Before training, the teacher completes the prompts of the first `num_prompts` train examples
 (greedy by default, the paper's beam-search stand-in; or sampled with temperature / top_k /
-top_p). The completions are written once as a dataset (distill.data.teacher_cache: shards,
-a manifest with the teacher/tokenizer/task fingerprints, resumable after a kill) and every
-later run with the same teacher and settings reuses it. Training is the normal step on
-these rows: word-level KD as well when config.loss.kd_weight > 0 (Kim & Rush's
+top_p). The completions are written once as a dataset (distill.algorithms.cache_rows) and
+every later run with the same teacher and settings reuses it. The objective is config.loss
+on these rows: word-level KD as well when config.loss.kd_weight > 0 (Kim & Rush's
 "Seq-KD + Word-KD"), or cross-entropy on the teacher's tokens only (pure SeqKD, the
 config's default).
 
@@ -19,19 +18,20 @@ from __future__ import annotations
 import jax
 
 from distill import sampling
-from distill.algorithms.cached_teacher import ROW_KEYS, CacheAlgorithm
+from distill.algorithms.cache_rows import CACHE_DEFAULTS, CacheRows
+from distill.algorithms.hooks import ROW_KEYS
 
 
-class SeqKD(CacheAlgorithm):
+class TeacherGenerations(CacheRows):
   DEFAULTS = {'num_prompts': 4096, 'temperature': 0.0, 'top_k': 0, 'top_p': 1.0,
-              **CacheAlgorithm.CACHE_DEFAULTS}
+              **CACHE_DEFAULTS}
   KIND, LABEL, CACHE_SUBDIR = 'seqkd', 'seqkd data', 'seqkd'
 
   def num_rows(self) -> int:
     return self.positive_int('num_prompts')
 
-  def check_options(self, options: dict) -> None:
-    c = self.config
+  def check(self) -> None:
+    c, options = self.config, self.options
     self.sampling = sampling.SamplingConfig(
         max_new_tokens=c.task.completion_len, temperature=options['temperature'],
         top_k=options['top_k'], top_p=options['top_p'], eos_id=self.run.tokenizer.eos_id,
@@ -40,7 +40,7 @@ class SeqKD(CacheAlgorithm):
       sampling.validate_sampling(self.sampling, self.run.teacher_config, c.task.prompt_len)
     except ValueError as e:
       raise ValueError(f'algorithm seqkd, sampling from config.algorithm.kwargs: {e}') from None
-    super().check_options(options)
+    super().check()
 
   def identity_settings(self) -> dict:
     o = self.options

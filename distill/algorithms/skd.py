@@ -1,4 +1,4 @@
-"""SKD: speculative knowledge distillation (Xu et al., ICLR 2025).
+"""SKD's rows: speculative knowledge distillation (Xu et al., ICLR 2025).
 
 The student proposes each token from its own sampling distribution; when the proposal is
 not among the teacher's top-K tokens at that position, the teacher's own sample replaces
@@ -18,25 +18,29 @@ import jax
 import jax.numpy as jnp
 
 from distill import sampling
-from distill.algorithms import rollout
-from distill.train import step as step_lib
+from distill.algorithms import hooks, rollout
 
 
-class SKD(rollout.SamplingAlgorithm):
+class InterleavedRows(rollout.Sampled):
   DEFAULTS = {**rollout.SAMPLING_DEFAULTS, 'top_k_teacher': 25}
   teacher_generates = True
 
-  def check_options(self, o: dict) -> None:
-    k = o['top_k_teacher']
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-      raise self.kwarg_error('top_k_teacher', f'must be an int >= 1, got {k!r}')
+  def check(self) -> None:
+    super().check()
+    self.positive_int('top_k_teacher')
 
-  def _choose(self, rng, student_logits_BxV, teacher_logits_BxV):
-    student_rng, teacher_rng = jax.random.split(rng)
-    proposal_B, proposal_logp_B, _ = sampling.sample_from_logits(student_rng, student_logits_BxV,
-                                                                 self.sampling)
-    replacement_B, replacement_logp_B, _ = sampling.sample_from_logits(
-        teacher_rng, teacher_logits_BxV, self.sampling)
+  def _noise(self, key, B, V):
+    """Two draws a step: the student's proposal and the teacher's replacement."""
+    if self.sampling.temperature == 0:
+      return None, None
+    return tuple(sampling.gumbel_noise(k, (B,), V) for k in jax.random.split(key))
+
+  def _choose(self, noise, student_logits_BxV, teacher_logits_BxV):
+    student_noise, teacher_noise = noise
+    proposal_B, proposal_logp_B, _ = sampling.sample_with_noise(
+        student_noise, student_logits_BxV, self.sampling)
+    replacement_B, replacement_logp_B, _ = sampling.sample_with_noise(
+        teacher_noise, teacher_logits_BxV, self.sampling)
     k = min(self.options['top_k_teacher'], teacher_logits_BxV.shape[-1])
     kth_B = jax.lax.top_k(teacher_logits_BxV, k)[0][:, -1]
     proposal_logit_B = jnp.take_along_axis(teacher_logits_BxV, proposal_B[:, None], axis=-1)[:, 0]
@@ -45,11 +49,12 @@ class SKD(rollout.SamplingAlgorithm):
             jnp.where(accepted_B, proposal_logp_B, replacement_logp_B),
             (~accepted_B).astype(jnp.float32))
 
-  def step(self, ctx: step_lib.StepContext, state, teacher_params, batch):
+  def rule(self) -> sampling.JointRule:
+    return sampling.JointRule(self._noise, self._choose)
+
+  def draw(self, ctx, inputs, batch):
     rows, sample = rollout.joint_sample_rows(
-        ctx.student_graphdef, state['params'], ctx.teacher_graphdef, teacher_params, batch,
-        step_lib.step_rng(state), self.sampling, self._choose)
-    state, metrics = step_lib.train_step(ctx, state, teacher_params, rows)
+        ctx.student_graphdef, inputs.params, ctx.teacher_graphdef, inputs.teacher_params, batch,
+        inputs.rng, self.sampling, self.rule())
     n = sample['mask_BxN'].sum().astype(jnp.float32)
-    metrics['replaced'] = (sample['flags_BxN'].sum(), n)
-    return state, metrics
+    return hooks.Drawn(rows, inputs.state, {'replaced': (sample['flags_BxN'].sum(), n)}, sample)

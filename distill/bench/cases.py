@@ -1,9 +1,9 @@
 """The benchmark's cases (experiments/bench/README.md), each built from the framework's code paths.
 
-The steps are the registered algorithms' steps, built and jitted as `distill.train.trainer`
-builds them (config -> token_fn, optimiser, StepContext; state from `create_train_state`,
-donated): `offpolicy_step` is 'supervised' (the plain `train_step`), `onpolicy_step` is 'gkd'
-with lmbda=1 (the student samples inside the jitted step, then the same `train_step`).
+The steps are the registered methods' steps, built by the trainer's own step builder
+(`distill.train.step.make_step`: state from `create_train_state`, donated):
+`offpolicy_step` is 'supervised' (dataset rows × the divergence objective), `onpolicy_step`
+is 'gkd' with lmbda=1 (the student samples inside the jitted step, then the same objective).
 `generate` is `distill.sampling.make_generate_fn`; the loss-memory figures come from
 `distill.losses.bench`. Every case returns a dict of measured fields for `distill.bench.cli`.
 """
@@ -15,13 +15,15 @@ import types
 import jax
 import jax.numpy as jnp
 
-from distill import algorithms, sampling
+from distill import sampling
+from distill.algorithms import divergence
 from distill.bench import flops, timing
 from distill.losses import bench as loss_bench
 from distill.models import ModelConfig, get_preset, sharded
 from distill.parallel import mesh as mesh_lib
 from distill.train import config as config_lib
 from distill.train import optimizer as opt_lib
+from distill.train import run as run_lib
 from distill.train import state as state_lib
 from distill.train import step as step_lib
 from distill.train import trainer
@@ -87,11 +89,10 @@ class Setup:
   """Teacher, student train state and data shared by the step and sampling cases."""
   shapes: Shapes
   chunk_size: int
-  run: trainer.Run          # what algorithms read: teacher, tokenizer, model configs, mesh
+  run: run_lib.Run          # what methods read: teacher, tokenizer, model configs, mesh
   graphdef: object
   state: dict               # replaced by each case that donates it
   shardings: dict
-  teacher_shardings: dict
   batch_sharding: jax.sharding.NamedSharding
   batch: dict               # rows: random prompt + random completion
 
@@ -104,38 +105,35 @@ def make_setup(shapes: Shapes, chunk_size: int, seed: int = 0) -> Setup:
   config = bench_config(shapes, 'supervised', chunk_size)
   teacher_graphdef, _ = sharded.abstract_model(shapes.teacher)
   teacher_params = sharded.init_params(shapes.teacher, rng_teacher, mesh)
-  state, shardings, graphdef = state_lib.create_train_state(
-      shapes.student, opt_lib.make_optimizer(config), rng_student, mesh)
-  run = trainer.Run(config, workdir='', tokenizer=_NO_EOS_TOKENIZER, task=None, mesh=mesh,
+  run = run_lib.Run(config, workdir='', tokenizer=_NO_EOS_TOKENIZER, task=None, mesh=mesh,
                     model_config=shapes.student, teacher_graphdef=teacher_graphdef,
                     teacher_params=teacher_params, teacher_config=shapes.teacher)
+  # Both benchmarked methods keep no state of their own, so one state serves both.
+  optimizer = opt_lib.make_optimizer(config)
+  method = trainer.make_method(run)
+  state, shardings, graphdef = state_lib.create_train_state(
+      shapes.student, optimizer, rng_student, mesh,
+      algo_state_fn=lambda: method.init_state(optimizer))
   B, P, N, V = shapes.batch, shapes.prompt_len, shapes.completion_len, shapes.student.vocab_size
   prompt = jax.random.randint(rng_prompt, (B, P), 0, V, jnp.int32)
   completion = {'tokens_BxN': jax.random.randint(rng_completion, (B, N), 0, V, jnp.int32),
                 'mask_BxN': jnp.ones((B, N), jnp.int32)}
   batch = sampling.training_batch(prompt, jnp.ones((B, P), jnp.int32), completion, pad_id=0)
   batch_sharding = mesh_lib.batch_sharding(mesh)
-  return Setup(shapes, chunk_size, run, graphdef, state, shardings,
-               jax.tree.map(lambda x: x.sharding, teacher_params), batch_sharding,
+  return Setup(shapes, chunk_size, run, graphdef, state, shardings, batch_sharding,
                jax.device_put(batch, batch_sharding))
 
 
 def algorithm_step_fn(setup: Setup, name: str):
-  """The algorithm's step jitted exactly as `trainer.train` jits it (state donated)."""
+  """The method's step, built and jitted by the trainer's step builder (state donated)."""
   config = bench_config(setup.shapes, name, setup.chunk_size)
-  algorithm = algorithms.get(name)(config, setup.run)
-  algorithm.validate()
-  if name == 'gkd' and algorithm.sampling != sampling_config(setup.shapes):
-    raise RuntimeError(f'gkd samples with {algorithm.sampling}, not the benchmark\'s '
+  run = dataclasses.replace(setup.run, config=config)
+  method = trainer.make_method(run)
+  if name == 'gkd' and method.rows.sampling != sampling_config(setup.shapes):
+    raise RuntimeError(f'gkd samples with {method.rows.sampling}, not the benchmark\'s '
                        f'{sampling_config(setup.shapes)}')
-  ctx = step_lib.StepContext(
-      student_graphdef=setup.graphdef, teacher_graphdef=setup.run.teacher_graphdef,
-      optimizer=opt_lib.make_optimizer(config),
-      token_fn=trainer.make_token_fn(config, has_teacher=True),
-      chunk_size=config.loss.chunk_size, reduction=config.loss.reduction)
-  return jax.jit(lambda s, t, b: algorithm.step(ctx, s, t, b),
-                 in_shardings=(setup.shardings, setup.teacher_shardings, setup.batch_sharding),
-                 out_shardings=(setup.shardings, None), donate_argnums=(0,))
+  return step_lib.make_step(config, run, method, setup.graphdef, setup.shardings,
+                            opt_lib.make_optimizer(config))
 
 
 def _time_train(setup: Setup, algorithm: str, steps: int, warmup: int, probe=None) -> dict:
@@ -197,7 +195,7 @@ def loss_memory(shapes: Shapes, chunk_size: int, dtype: str) -> dict:
   m = shapes.memory
   plain_fn, chunked_fn, abstract_args = loss_bench.make_value_and_grad_fns(
       m['batch'], m['seq'], m['hidden'], m['vocab'], chunk_size,
-      token_fn=trainer.make_token_fn(bench_config(shapes, 'supervised', chunk_size), True),
+      token_fn=divergence.make_token_fn(bench_config(shapes, 'supervised', chunk_size), True),
       dtype=jnp.dtype(dtype))
   plain = loss_bench.compiled_memory(plain_fn, abstract_args)
   chunked = loss_bench.compiled_memory(chunked_fn, abstract_args)

@@ -8,7 +8,7 @@ Modules: divergences (the registry), reductions, objective (KD + CE per token, H
 chunked (loss and gradient from hidden states without [B, T, V] logits), taid, topk,
 hidden (hidden-state KD), bench (peak-memory comparison of plain vs chunked).
 """
-from distill.losses.divergences import NAMES, get, kl_from_logprobs
+from distill.losses.divergences import NAMES, get, kl_from_logprobs, names, register
 from distill.losses.hidden import hidden_state_loss, init_hidden_projections
 from distill.losses.objective import cross_entropy, hinton, token_objective
 from distill.losses.reductions import MODES, reduce, sum_and_count, token_weights
@@ -18,7 +18,8 @@ from distill.losses.topk import teacher_topk, topk_forward_kl, topk_loss
 from distill.losses.chunked import chunk_scan, chunked_loss, plain_loss
 
 __all__ = [
-    'NAMES', 'get', 'kl_from_logprobs', 'hidden_state_loss', 'init_hidden_projections',
+    'NAMES', 'get', 'kl_from_logprobs', 'names', 'register', 'hidden_state_loss',
+    'init_hidden_projections',
     'cross_entropy', 'hinton', 'token_objective', 'MODES', 'reduce', 'sum_and_count',
     'token_weights', 'taid_init', 'taid_loss', 'taid_teacher_logits', 'taid_token_fn',
     'taid_update', 'teacher_topk', 'topk_forward_kl', 'topk_loss', 'chunk_scan', 'chunked_loss',

@@ -285,7 +285,38 @@ _REGISTRY = {
     'skew_reverse_kl': (_skew_reverse_kl, {'alpha': (0.1, _in_unit_interval)}),
     'ab': (_ab, {'alpha': (0.5, _non_negative), 'beta': (0.5, _non_negative)}),
 }
-NAMES = tuple(_REGISTRY)
+_BUILT_IN = frozenset(_REGISTRY)
+NAMES = tuple(_REGISTRY)   # the built-in names; `names()` includes registered ones
+
+
+def names() -> tuple[str, ...]:
+  return tuple(_REGISTRY)
+
+
+def register(name: str, formula: Callable, *, hparams: dict | None = None) -> None:
+  """Adds divergence `name`: get(name), config.loss.divergence and every objective accept it.
+
+  formula(student_logprobs, teacher_logprobs, **hparams) -> per-token values: both inputs are
+  fp32 log-probabilities over the last (vocabulary) axis, already divided by the temperature
+  and normalised, and it reduces that axis (e.g. `jnp.sum(..., axis=-1)`) — exactly what
+  the built-in entries are. Masking, temperature, the chunked form and validation of the
+  name come with it. hparams: {name: default} or {name: (default, check)} with
+  check(name, value) -> value raising ValueError; a plain default is checked as a finite
+  number. A name already taken is refused.
+  """
+  if not isinstance(name, str) or not name.isidentifier():
+    raise ValueError(f'a divergence name must be an identifier, got {name!r}')
+  if name in _REGISTRY:
+    kind = 'built-in' if name in _BUILT_IN else 'registered'
+    raise ValueError(f'divergence {name!r} is already a {kind} divergence; choose another name')
+  if not callable(formula):
+    raise ValueError(f'register({name!r}): formula must be callable, got {formula!r}')
+  spec = {}
+  for key, value in (hparams or {}).items():
+    if key == 'temperature':
+      raise ValueError(f'register({name!r}): every divergence takes temperature already')
+    spec[key] = value if isinstance(value, tuple) else (value, _check_number)
+  _REGISTRY[name] = (formula, spec)
 
 
 def _divergence(student_logits, teacher_logits, mask, *, formula, temperature, hparams):
@@ -312,7 +343,7 @@ def get(name: str, **hparams) -> Divergence:
                       powers.
   """
   if name not in _REGISTRY:
-    raise ValueError(f'unknown divergence {name!r}; valid names: {", ".join(NAMES)}')
+    raise ValueError(f'unknown divergence {name!r}; valid names: {", ".join(names())}')
   formula, spec = _REGISTRY[name]
   temperature = _check_number('temperature', hparams.pop('temperature', 1.0))
   if temperature <= 0.0:

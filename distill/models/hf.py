@@ -27,6 +27,7 @@ from jax.experimental import multihost_utils
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from distill.data.hf_tokenizer import HFTokenizer
 from distill.models import hf_config as hf_config_lib
 from distill.models import sharded
 from distill.models.config import ModelConfig
@@ -328,7 +329,6 @@ def save_hf(model, folder: str, tokenizer=None, architecture: str | None = None)
   architecture = architecture or default_architecture(cfg)
   special = None
   if tokenizer is not None:
-    from distill.data.hf_tokenizer import HFTokenizer
     tokenizer = tokenizer if isinstance(tokenizer, HFTokenizer) else HFTokenizer(tokenizer)
     if tokenizer.vocab_size > cfg.vocab_size:
       raise ValueError(f'tokenizer has {tokenizer.vocab_size} tokens but the model only '

@@ -23,6 +23,7 @@ from typing import Any, Callable
 import jax
 
 from distill import algorithms
+from distill.train import trainer
 
 # A sweep over keys starting with these gives each run its own cache.
 CACHE_DEPENDS_ON = ('teacher.', 'task.', 'tokenizer', 'algorithm.', 'seed', 'data.eval_batch_size')
@@ -102,7 +103,7 @@ def share_caches(runs, workdir: str, keys: list[str]) -> None:
     return
   for _, _, config in runs:
     name = config.algorithm.name
-    defaults = getattr(algorithms.get(name), 'DEFAULTS', {})
+    defaults = algorithms.get(name).defaults
     if 'cache_dir' in defaults and not config.algorithm.kwargs.get('cache_dir'):
       config.algorithm.kwargs.cache_dir = os.path.join(os.path.abspath(workdir),
                                                        f'{name}_cache')
@@ -111,9 +112,7 @@ def share_caches(runs, workdir: str, keys: list[str]) -> None:
 def run_sweep(config, workdir: str, axes: list[tuple[str, list[str]]],
               train: Callable[[Any, str], dict] | None = None) -> list[dict]:
   """Trains every combination in turn; returns the rows of results.json."""
-  if train is None:
-    from distill.train import trainer   # not needed to expand or tabulate
-    train = trainer.train
+  train = train or trainer.train
   runs = expand(config, axes)
   share_caches(runs, workdir, [k for k, _ in axes])
   os.makedirs(workdir, exist_ok=True)

@@ -33,7 +33,8 @@ class Checkpointer:
 
   def __init__(self, workdir: str, identity: dict, *, max_to_keep: int = 2):
     self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-    self.identity = identity
+    # As it reads back from the JSON file (tuples become lists), so the two compare equal.
+    self.identity = json.loads(json.dumps(identity))
     self._check_identity()
     self.manager = ocp.CheckpointManager(
         self.directory,

@@ -1,78 +1,93 @@
-"""The pure distillation step.
+"""The one step builder: a method's two hooks turned into a pure, jitted train step.
 
-`train_step(ctx, state, teacher_params, batch) -> (state, metrics)` is jitted once by the
-trainer with the state donated. The teacher runs inside the same compiled step under
-stop_gradient, so no [B, T, V] teacher logits ever cross a jit boundary. Algorithms
-(distill.algorithms) build their steps from `loss_and_grads` + `apply_gradients`.
+    step_fn = make_step(config, run, method, graphdef, shardings, optimizer)
+    state, metrics = step_fn(state, teacher_params, batch)
+
+`build_step` alone owns what every method shares: the step's rng (the run's key folded with
+the step, so a resumed run draws the same numbers), `jax.grad`, the optimiser update of the
+student and of any parameters trained beside it, the (sum, count) metric format and, in
+`make_step`, the shardings and the donated state. A method contributes only
+  rows.draw(...)        the rows this step trains on (distill.algorithms.hooks.Rows), and
+  objective.loss(...)   what is minimised on them (distill.algorithms.hooks.Objective).
+The teacher is a frozen input of the same compiled step, so no [B, T, V] teacher logits
+ever cross a jit boundary.
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
-from distill import losses
-
-
-@dataclasses.dataclass(frozen=True)
-class StepContext:
-  """Everything static the step closes over (graph definitions, optimiser, loss)."""
-  student_graphdef: Any
-  teacher_graphdef: Any | None
-  optimizer: optax.GradientTransformation
-  token_fn: Callable          # (student_logits_NxV, teacher_logits_NxV | None, targets_N) -> N
-  chunk_size: int = 0         # 0: plain loss over full logits
-  reduction: str = 'token_mean'
+from distill.algorithms import divergence, hooks
+from distill.parallel import mesh as mesh_lib
 
 
-def model_outputs(graphdef, params, batch):
-  """Final hidden states and the output projection (logits are formed by the loss)."""
-  model = nnx.merge(graphdef, params)
-  hidden_BxTxD = model.hidden_states(batch['tokens'], batch['input_mask'])
-  return hidden_BxTxD, model.output_projection()
-
-
-def distill_loss(ctx: StepContext, student_params, teacher_params, batch):
-  """Weighted token loss of the student against the teacher and/or ground truth."""
-  student_h, student_w = model_outputs(ctx.student_graphdef, student_params, batch)
-  if ctx.teacher_graphdef is not None:
-    teacher_h, teacher_w = jax.tree.map(
-        jax.lax.stop_gradient, model_outputs(ctx.teacher_graphdef, teacher_params, batch))
-  else:
-    teacher_h = teacher_w = None
-  weights_BxT, normaliser = losses.token_weights(batch['loss_mask'], ctx.reduction)
-  if ctx.chunk_size:
-    loss_sum, _ = losses.chunked_loss(student_h, student_w, teacher_h, teacher_w,
-                                       batch['targets'], weights_BxT, ctx.token_fn,
-                                       chunk_size=ctx.chunk_size)
-  else:
-    loss_sum, _ = losses.plain_loss(student_h, student_w, teacher_h, teacher_w,
-                                     batch['targets'], weights_BxT, ctx.token_fn)
-  loss = loss_sum / jnp.maximum(normaliser, 1e-9)
-  metrics = {'loss': (loss_sum, normaliser),
-             'tokens': (batch['loss_mask'].sum(), jnp.float32(1.0))}
-  return loss, metrics
-
-
-def apply_gradients(ctx: StepContext, state, grads, metrics):
-  updates, opt_state = ctx.optimizer.update(grads, state['opt_state'], state['params'])
-  params = optax.apply_updates(state['params'], updates)
-  metrics = dict(metrics, grad_norm=(optax.tree.norm(grads), jnp.float32(1.0)))
-  new_state = dict(state, params=params, opt_state=opt_state, step=state['step'] + 1)
-  return new_state, metrics
-
-
-def train_step(ctx: StepContext, state, teacher_params, batch):
-  """One supervised (off-policy) distillation or ground-truth step."""
-  grad_fn = jax.grad(lambda p: distill_loss(ctx, p, teacher_params, batch), has_aux=True)
-  grads, metrics = grad_fn(state['params'])
-  return apply_gradients(ctx, state, grads, metrics)
+def make_context(config, run, student_graphdef, optimizer) -> hooks.StepContext:
+  return hooks.StepContext(
+      student_graphdef=student_graphdef, teacher_graphdef=run.teacher_graphdef,
+      optimizer=optimizer,
+      token_fn=divergence.make_token_fn(config, run.teacher_params is not None),
+      chunk_size=config.loss.chunk_size, reduction=config.loss.reduction)
 
 
 def step_rng(state):
   """Per-step randomness: the run's key folded with the step (resumes identically)."""
   return jax.random.fold_in(state['rng'], state['step'])
+
+
+def apply_update(optimizer, grads, opt_state, params):
+  """(params, opt_state) after one optimiser update with `grads`."""
+  updates, opt_state = optimizer.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state
+
+
+def build_step(ctx: hooks.StepContext, method) -> Callable:
+  """The pure step(state, teacher_params, batch) -> (state, metrics) of `method`.
+
+  state['algo'] holds {'rows': …, 'objective': …} and, when the objective trains parameters
+  of its own, 'trainable': {'params': …, 'opt_state': …} (see Method.init_state).
+  """
+  rows_hook, objective = method.rows, method.objective
+
+  def step(state, teacher_params, batch):
+    algo = state['algo']
+    inputs = hooks.StepInputs(params=state['params'], teacher_params=teacher_params,
+                              state=algo['rows'], rng=step_rng(state), step=state['step'])
+    drawn = rows_hook.draw(ctx, inputs, batch)
+    prepared = objective.prepare(ctx, teacher_params, drawn, algo['objective'])
+    trainable = {'params': state['params']}
+    if 'trainable' in algo:
+      trainable['extra'] = algo['trainable']['params']
+
+    def loss_fn(trainable):
+      return objective.loss(ctx, trainable['params'], trainable.get('extra'), prepared, drawn,
+                            algo['objective'])
+
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(trainable)
+    new_algo = dict(algo, rows=drawn.state,
+                    objective=objective.update_state(algo['objective'], metrics, state['step']))
+    if 'trainable' in algo:
+      # Its own optimiser state (same settings as the student's): clipped on its own.
+      extra, extra_opt_state = apply_update(ctx.optimizer, grads['extra'], algo['trainable']['opt_state'],
+                                       algo['trainable']['params'])
+      new_algo['trainable'] = {'params': extra, 'opt_state': extra_opt_state}
+    params, opt_state = apply_update(ctx.optimizer, grads['params'], state['opt_state'],
+                                state['params'])
+    metrics = {**drawn.metrics, **metrics,
+               'grad_norm': (optax.tree.norm(grads['params']), jnp.float32(1.0))}
+    new_state = dict(state, params=params, opt_state=opt_state, step=state['step'] + 1,
+                     algo=new_algo)
+    return new_state, metrics
+
+  return step
+
+
+def make_step(config, run, method, graphdef, shardings, optimizer):
+  """build_step jitted with the state's shardings, the state donated (updated in place)."""
+  ctx = make_context(config, run, graphdef, optimizer)
+  teacher_shardings = jax.tree.map(lambda x: x.sharding, run.teacher_params)
+  return jax.jit(build_step(ctx, method),
+                 in_shardings=(shardings, teacher_shardings, mesh_lib.batch_sharding(run.mesh)),
+                 out_shardings=(shardings, None), donate_argnums=(0,))

@@ -4,7 +4,7 @@
 
 Parts of the step, at the benchmark's shapes (README.md), built from the same framework
 functions the step calls (model_outputs, the loss's value-and-grad from distill.losses.bench,
-apply_gradients): teacher trunk forward, student trunk forward and forward+backward, the loss's
+the optimiser update): teacher trunk forward, student trunk forward and forward+backward, the loss's
 value and gradient w.r.t. the student's hidden states and projection (plain and chunked), the
 optimiser update; then the whole step (plain and chunked loss). Sampling: prefill, one decode step, one sampling draw,
 and the whole generate call. Prints a table and appends JSON lines to --out.
@@ -20,11 +20,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from distill import sampling
+from distill.algorithms import divergence, hooks
 from distill.bench import cases, flops, timing
 from distill.losses import bench as loss_bench
 from distill.train import optimizer as opt_lib
 from distill.train import step as step_lib
-from distill.train import trainer
 
 
 def main(argv=None):
@@ -76,16 +76,16 @@ def main(argv=None):
     record(f'matmul {n} {jnp.dtype(dtype).name}', lambda _: mm(a, a), None, 2 * n**3)
 
   # ---- the step's parts ------------------------------------------------------------------
-  teacher_fwd = jax.jit(lambda p, b: step_lib.model_outputs(teacher_gd, p, b)[0])
+  teacher_fwd = jax.jit(lambda p, b: hooks.model_outputs(teacher_gd, p, b)[0])
   record('teacher trunk fwd', lambda _: teacher_fwd(teacher_params, batch), None, trunk(t_cfg))
-  student_fwd = jax.jit(lambda p, b: step_lib.model_outputs(setup.graphdef, p, b)[0])
+  student_fwd = jax.jit(lambda p, b: hooks.model_outputs(setup.graphdef, p, b)[0])
   record('student trunk fwd', lambda _: student_fwd(params, batch), None, trunk(s_cfg))
   cotangent = jax.random.normal(jax.random.PRNGKey(0), (B, T, Ds))
   student_grad = jax.jit(jax.grad(lambda p, b: jnp.vdot(
-      step_lib.model_outputs(setup.graphdef, p, b)[0], cotangent)))
+      hooks.model_outputs(setup.graphdef, p, b)[0], cotangent)))
   record('student trunk fwd+bwd', lambda _: student_grad(params, batch), None, 3 * trunk(s_cfg))
 
-  token_fn = trainer.make_token_fn(cases.bench_config(shapes, 'supervised', 0), True)
+  token_fn = divergence.make_token_fn(cases.bench_config(shapes, 'supervised', 0), True)
   plain_fn, chunked_fn, _ = loss_bench.make_value_and_grad_fns(
       B, T, Ds, V, args.chunk_size, token_fn=token_fn, teacher_hidden=Dt)
   teacher_w = nnx.merge(teacher_gd, teacher_params).output_projection()
@@ -100,14 +100,16 @@ def main(argv=None):
   record(f'loss chunked({args.chunk_size}) v&g', lambda _: chunked_fn(*loss_args), None,
          loss_flop, note=f'computes logits of loss tokens only (~{completion_share:.0%})')
 
-  ctx = step_lib.StepContext(
-      student_graphdef=setup.graphdef, teacher_graphdef=teacher_gd,
-      optimizer=opt_lib.make_optimizer(cases.bench_config(shapes, 'supervised', 0)),
-      token_fn=token_fn)
-  update = jax.jit(lambda state, grads: step_lib.apply_gradients(ctx, state, grads, {}),
-                   donate_argnums=(0,))
+  optimizer = opt_lib.make_optimizer(cases.bench_config(shapes, 'supervised', 0))
+
+  def update(state, grads):
+    params, opt_state = step_lib.apply_update(optimizer, grads, state['opt_state'],
+                                              state['params'])
+    return dict(state, params=params, opt_state=opt_state)
+
+  update = jax.jit(update, donate_argnums=(0,))
   grads = jax.tree.map(jnp.ones_like, params)
-  record('optimizer update', lambda c: update(c[0], grads), (setup.state, None), 0,
+  record('optimizer update', lambda c: (update(c[0], grads), None), (setup.state, None), 0,
          note='elementwise: memory bound')
   setup.state = None
 

@@ -1,0 +1,101 @@
+"""A run built and checked before anything compiles: config → tokenizer, task, mesh, models.
+
+`build_run(config, workdir)` resolves the task's sequence lengths, makes the mesh, builds
+or loads the student's starting point and loads the teacher (a finished run's workdir or a
+Hugging Face folder), with every mismatch (vocabularies, lengths, presets) refused by name.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+
+from distill.data import pipeline, tasks
+from distill.data.hf_tokenizer import HFTokenizer
+from distill.data.tokenizer import CharTokenizer
+from distill.models import ModelConfig, get_preset
+from distill.parallel import mesh as mesh_lib
+from distill.train import config as config_lib
+from distill.train import teacher as teacher_lib
+
+
+@dataclasses.dataclass
+class Run:
+  """What a run is made of, built and validated before anything compiles."""
+  config: Any
+  workdir: str
+  tokenizer: Any               # CharTokenizer or HFTokenizer (same interface)
+  task: Any
+  mesh: jax.sharding.Mesh
+  model_config: ModelConfig
+  teacher_graphdef: Any = None
+  teacher_params: Any = None
+  teacher_config: ModelConfig | None = None
+  initial_params: Any = None    # the student's starting point (model.init_from)
+
+  @property
+  def seq_len(self) -> int:
+    return self.config.task.prompt_len + self.config.task.completion_len
+
+  def identity(self) -> dict:
+    """What must match for a checkpoint to be resumed by this run."""
+    return {'model': dataclasses.asdict(self.model_config),
+            'task': self.config.task.to_dict(),
+            'tokenizer': self.tokenizer.fingerprint(),
+            'role': self.config.role,
+            'algorithm': self.config.algorithm.name}
+
+
+def build_run(config, workdir: str) -> Run:
+  config_lib.validate(config)
+  tokenizer = HFTokenizer(config.tokenizer) if config.tokenizer else CharTokenizer()
+  task = tasks.get_task(config.task.name, **config.task.kwargs)
+  config = config.copy_and_resolve_references()
+  if not (config.task.prompt_len and config.task.completion_len):
+    needed = tasks.sequence_lengths(task)
+    for name, length in zip(('prompt_len', 'completion_len'), needed):
+      config.task[name] = config.task[name] or length
+  mesh = mesh_lib.make_mesh(config.mesh)
+  initial_params = None
+  if config.model.init_from:
+    _, initial_params, model_config = teacher_lib.load_exported(config.model.init_from, mesh)
+  else:
+    overrides = config_lib.model_overrides(config)
+    model_config = get_preset(config.model.preset,
+                              **{'vocab_size': tokenizer.vocab_size, **overrides})
+  if model_config.vocab_size < tokenizer.vocab_size:
+    raise ValueError(f'the model vocabulary ({model_config.vocab_size}) is smaller than the '
+                     f'tokenizer\'s ({tokenizer.vocab_size})')
+  config_lib.validate(config, model_max_seq_len=model_config.max_seq_len,
+                      data_parallel=mesh_lib.data_parallel_size(mesh))
+  run = Run(config, workdir, tokenizer, task, mesh, model_config, initial_params=initial_params)
+  if config.role == 'student' and config.teacher.checkpoint:
+    graphdef, params, teacher_config = teacher_lib.load_exported(config.teacher.checkpoint, mesh)
+    if teacher_config.max_seq_len < run.seq_len:
+      raise ValueError(f'sequence length {run.seq_len} exceeds the teacher\'s max_seq_len '
+                       f'{teacher_config.max_seq_len}')
+    if teacher_config.vocab_size != model_config.vocab_size:
+      raise ValueError(f'teacher vocabulary ({teacher_config.vocab_size}) != student vocabulary '
+                       f'({model_config.vocab_size}); distillation over logits needs equal vocabularies')
+    if config.teacher.preset and get_preset(
+        config.teacher.preset, vocab_size=tokenizer.vocab_size) != teacher_config:
+      raise ValueError(f'teacher.preset={config.teacher.preset!r} does not match the model saved in '
+                       f'{config.teacher.checkpoint}: {teacher_config}')
+    run.teacher_graphdef, run.teacher_params, run.teacher_config = graphdef, params, teacher_config
+  return run
+
+
+def train_iterator(run: Run):
+  c = run.config
+  return pipeline.make_iterator(
+      run.task, run.tokenizer, split='train', batch_size=c.data.batch_size // jax.process_count(),
+      prompt_len=c.task.prompt_len, completion_len=c.task.completion_len, seed=c.seed,
+      shuffle=True, shard_index=jax.process_index(), shard_count=jax.process_count())
+
+
+def to_global(batch: dict, sharding) -> dict:
+  """Host-local numpy rows → one global array per field, split along the batch axis."""
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items()}
