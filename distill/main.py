@@ -14,6 +14,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from distill import plugins
+from distill.train import lock as lock_lib
 from distill.train import logging as log_lib
 from distill.train import trainer
 
@@ -27,7 +28,8 @@ _IMPORT = flags.DEFINE_multi_string(
     'and methods); repeatable.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
-USER_ERRORS = (AttributeError, KeyError, ValueError, FileNotFoundError, ImportError)
+USER_ERRORS = (AttributeError, KeyError, ValueError, FileNotFoundError, ImportError,
+               lock_lib.WorkdirLockedError, log_lib.NonFiniteLossError)
 
 
 def main(argv):

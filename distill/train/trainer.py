@@ -18,6 +18,7 @@ from distill.eval import evaluate as eval_lib
 from distill.models import count_params
 from distill.parallel import mesh as mesh_lib
 from distill.train import checkpoint as ckpt_lib
+from distill.train import lock as lock_lib
 from distill.train import logging as log_lib
 from distill.train import optimizer as opt_lib
 from distill.train import run as run_lib
@@ -36,6 +37,11 @@ def make_method(run: run_lib.Run) -> algorithms.Method:
 def train(config, workdir: str) -> dict:
   """Trains (or resumes) a run and returns its final evaluation metrics."""
   os.makedirs(workdir, exist_ok=True)
+  with lock_lib.hold(workdir):   # a second job on this workdir is refused, its holder named
+    return _train(config, workdir)
+
+
+def _train(config, workdir: str) -> dict:
   run = run_lib.build_run(config, workdir)
   config = run.config   # with the task's sequence lengths resolved
   method = make_method(run)
