@@ -7,6 +7,7 @@ XLA's backend optimisation off: compile time dominates these tiny runs) and each
 checks its own run.
 """
 import concurrent.futures
+import dataclasses
 import math
 import os
 
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from flax import nnx
 
 from distill import sampling
 from distill.algorithms import distillm, hooks, minillm, policy_gradient
@@ -223,6 +225,41 @@ def test_target_logprobs_and_policy_gradient(chunk_size):
   np.testing.assert_allclose(log_q, expected, rtol=1e-5, atol=1e-5)
   for got, want in zip(grads, expected_grads):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('chunk_size', [0, 4])
+def test_soft_capped_models_are_distilled_on_their_capped_logits(chunk_size):
+  """Gemma 2 caps its final logits: the objectives (which form logits from hidden states
+  and the output projection) must see what each model's own forward pass gives."""
+  from distill import losses
+  from distill.algorithms import divergence
+  from distill.models import get_preset, sharded
+  from distill.parallel import mesh as mesh_lib
+  mesh = mesh_lib.make_mesh({'data': 1})
+  models = []
+  for seed, cap in ((0, 0.5), (1, 0.3)):
+    config = get_preset('tiny', vocab_size=13, max_seq_len=16, final_softcap=cap)
+    models.append((sharded.abstract_model(config)[0],
+                   sharded.init_params(config, jax.random.PRNGKey(seed), mesh)))
+  (s_graph, s_params), (t_graph, t_params) = models
+  tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 8), 0, 13)
+  rows = {'tokens': tokens, 'targets': jnp.roll(tokens, -1, axis=1),
+          'input_mask': jnp.ones((2, 8), jnp.int32),
+          'loss_mask': jnp.ones((2, 8), jnp.float32).at[:, :3].set(0)}
+  ctx = hooks.StepContext(s_graph, t_graph, None, losses.token_objective('forward_kl'),
+                          chunk_size=chunk_size, student_softcap=0.5, teacher_softcap=0.3)
+  objective = divergence.Divergence(None, None, {})
+  loss, _ = objective.loss(ctx, s_params, None, t_params, hooks.Drawn(rows, {}, {}), {})
+  student = nnx.merge(s_graph, s_params)(tokens, rows['input_mask'])
+  teacher = nnx.merge(t_graph, t_params)(tokens, rows['input_mask'])
+  per_token = losses.get('forward_kl')(student, teacher, rows['loss_mask'])
+  expected = per_token.sum() / rows['loss_mask'].sum()
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+  assert np.abs(student).max() < 0.5                   # the caps really bind
+  uncapped = dataclasses.replace(ctx, student_softcap=0.0, teacher_softcap=0.0)
+  without_caps = objective.loss(uncapped, s_params, None, t_params, hooks.Drawn(rows, {}, {}),
+                                {})[0]
+  assert abs(float(without_caps) / float(expected) - 1) > 0.05
 
 
 def test_skd_replaces_proposals_outside_the_teacher_top_k():

@@ -38,6 +38,7 @@ def weighted_loss(ctx, student_h, student_w, teacher_h, teacher_w, targets_BxT, 
   output projection only.
   """
   weights_BxT = jax.lax.stop_gradient(weights_BxT)
+  token_fn = hooks.capped(token_fn, ctx)
   if ctx.chunk_size:
     total, _ = losses.chunked_loss(student_h, student_w, teacher_h, teacher_w, targets_BxT,
                                    weights_BxT, token_fn, chunk_size=ctx.chunk_size)

@@ -24,6 +24,8 @@ from typing import Any, Callable, NamedTuple
 import optax
 from flax import nnx
 
+from distill.models.layers import softcap
+
 ROW_KEYS = ('tokens', 'targets', 'input_mask', 'loss_mask')
 
 
@@ -40,6 +42,25 @@ class StepContext:
   token_fn: Callable          # (student_logits_NxV, teacher_logits_NxV | None, targets_N) -> N
   chunk_size: int = 0         # 0: plain loss over full logits
   reduction: str = 'token_mean'
+  # Gemma 2's final-logit soft-capping (0 = off): the losses form logits from hidden states
+  # and the output projection themselves, so they apply it (`capped`).
+  student_softcap: float = 0.0
+  teacher_softcap: float = 0.0
+
+
+def capped(token_fn, ctx: StepContext):
+  """token_fn applied to soft-capped logits, as each model's own forward pass produces them."""
+  if not (ctx.student_softcap or ctx.teacher_softcap):
+    return token_fn
+
+  def cap(logits, limit):
+    return logits if logits is None or not limit else softcap(logits, limit)
+
+  def capped_fn(student_logits_NxV, teacher_logits_NxV, *rest, **kwargs):
+    return token_fn(cap(student_logits_NxV, ctx.student_softcap),
+                    cap(teacher_logits_NxV, ctx.teacher_softcap), *rest, **kwargs)
+
+  return capped_fn
 
 
 def model_outputs(graphdef, params, batch):

@@ -84,7 +84,7 @@ class MiniLLMObjective(policy_gradient.PolicyGradient):
     weights_BxT, normaliser, norm = scored.weights_BxT, scored.normaliser, scored.norm
     student_h, student_w = hooks.model_outputs(ctx.student_graphdef, params, rows)
     log_q_BxT = policy_gradient.target_logprobs(student_h, student_w, rows['targets'],
-                                                ctx.chunk_size)
+                                                ctx.chunk_size, ctx.student_softcap)
     w_BxT = jnp.where(mask_BxT > 0, jnp.exp(log_q_BxT - log_mix_BxT), 0.0)
     future_BxT = future_rewards(log_p_BxT - log_q_BxT, mask_BxT, self.options['length_norm'])
     eps = self.options['clip_range']

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from distill import losses
 from distill.algorithms import divergence, hooks
+from distill.models import layers
 
 
 def at_loss_columns(values_BxN, seq_len: int):
@@ -40,8 +41,9 @@ def at_loss_columns(values_BxN, seq_len: int):
                           jnp.zeros((B, 1), values_BxN.dtype)], axis=1)
 
 
-def target_logprobs(h_BxTxD, w_DxV, targets_BxT, chunk_size: int = 0):
-  """log softmax(h·W)[target] at every position [B, T] (fp32, no gradient).
+def target_logprobs(h_BxTxD, w_DxV, targets_BxT, chunk_size: int = 0, softcap: float = 0.0):
+  """log softmax(h·W)[target] at every position [B, T] (fp32, no gradient); the logits
+  soft-capped first when softcap > 0.
 
   With chunk_size > 0 at most chunk_size positions' logits exist at once (memory flat in
   B·T·V, like the chunked loss).
@@ -53,6 +55,8 @@ def target_logprobs(h_BxTxD, w_DxV, targets_BxT, chunk_size: int = 0):
   def one(x):
     h_D, target = x
     logits_V = h_D @ w_DxV
+    if softcap:
+      logits_V = layers.softcap(logits_V, softcap)
     return logits_V[target] - jax.nn.logsumexp(logits_V)
 
   out_N = jax.lax.map(one, (h_NxD, targets_BxT.reshape(-1)), batch_size=chunk_size or B * T)
@@ -118,7 +122,8 @@ class PolicyGradient(hooks.Objective):
     mask_BxT = rows['loss_mask']
     return Scored(
         log_sample_BxT=at_loss_columns(sample['logprobs_BxN'], rows['tokens'].shape[1]),
-        log_p_BxT=target_logprobs(teacher_h, teacher_w, rows['targets'], ctx.chunk_size),
+        log_p_BxT=target_logprobs(teacher_h, teacher_w, rows['targets'], ctx.chunk_size,
+                                  ctx.teacher_softcap),
         teacher_h=teacher_h, teacher_w=teacher_w, mask_BxT=mask_BxT,
         weights_BxT=weights_BxT, normaliser=normaliser,
         sample_length=(sample['mask_BxN'].sum().astype(jnp.float32),
@@ -132,7 +137,8 @@ class ReverseKLPerToken(PolicyGradient):
     del trainable, state
     rows = drawn.rows
     student_h, student_w = hooks.model_outputs(ctx.student_graphdef, params, rows)
-    log_q_BxT = target_logprobs(student_h, student_w, rows['targets'], ctx.chunk_size)
+    log_q_BxT = target_logprobs(student_h, student_w, rows['targets'], ctx.chunk_size,
+                                ctx.student_softcap)
     mask_BxT, weights_BxT = scored.mask_BxT, scored.weights_BxT
     valid = mask_BxT > 0
     ratio_BxT = jnp.where(valid, jnp.exp(log_q_BxT - scored.log_sample_BxT), 0.0)

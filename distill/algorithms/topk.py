@@ -31,6 +31,7 @@ from distill.algorithms import hooks
 from distill.algorithms.cache_rows import CACHE_DEFAULTS, CacheRows
 from distill.algorithms.hooks import ROW_KEYS
 from distill.losses.topk import TAILS
+from distill.models.layers import softcap
 
 TOPK_FIELDS = ('topk_ids', 'topk_logprobs')
 
@@ -127,8 +128,11 @@ class TopKForwardKL(hooks.Objective):
     ids, logprobs = batch['topk_ids'], batch['topk_logprobs']
     weights_BxT, normaliser = losses.token_weights(batch['loss_mask'], ctx.reduction)
     h, w = hooks.model_outputs(ctx.student_graphdef, params, batch)
-    total = losses.topk_loss(h, w, ids, logprobs, batch['targets'], weights_BxT, self.token_fn,
-                      ctx.chunk_size)
+    token_fn = self.token_fn
+    if ctx.student_softcap:   # the student's logits as its own forward pass caps them
+      token_fn = lambda logits, *rest: self.token_fn(softcap(logits, ctx.student_softcap), *rest)
+    total = losses.topk_loss(h, w, ids, logprobs, batch['targets'], weights_BxT, token_fn,
+                             ctx.chunk_size)
     mask = batch['loss_mask'] != 0
     mass = jnp.where(mask, jnp.exp(logprobs.astype(jnp.float32)).sum(-1), 0.0).sum()
     tokens = mask.sum().astype(jnp.float32)

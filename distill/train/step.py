@@ -29,7 +29,9 @@ def make_context(config, run, student_graphdef, optimizer) -> hooks.StepContext:
       student_graphdef=student_graphdef, teacher_graphdef=run.teacher_graphdef,
       optimizer=optimizer,
       token_fn=divergence.make_token_fn(config, run.teacher_params is not None),
-      chunk_size=config.loss.chunk_size, reduction=config.loss.reduction)
+      chunk_size=config.loss.chunk_size, reduction=config.loss.reduction,
+      student_softcap=run.model_config.final_softcap,
+      teacher_softcap=run.teacher_config.final_softcap if run.teacher_config else 0.0)
 
 
 def step_rng(state):
