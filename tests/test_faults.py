@@ -59,3 +59,52 @@ def test_record_of_a_live_holder_refuses_even_where_flock_is_not_enforced(tmp_pa
     json.dump({'pid': os.getppid(), 'host': socket.gethostname(), 'started': 'earlier'}, f)
   with pytest.raises(lock_lib.WorkdirLockedError, match=f'pid {os.getppid()}'):
     lock_lib.WorkdirLock(str(tmp_path)).acquire()
+
+
+# ---------------------------------------------------------------------- non-finite steps
+
+
+def _overflowing_config(policy):
+  """Step 2 (the first at the peak learning rate) throws the params to ~1e30: every later
+  step's loss is not finite."""
+  config = small_config('arithmetic_student', 'small,scratch')
+  config.optimizer.learning_rate = 1e30
+  config.total_steps = 4
+  config.checkpoint_steps = 1
+  config.keep_checkpoints = 10
+  config.nonfinite = policy
+  config.mesh.data = 1            # faster to compile; the policy does not depend on it
+  config.eval.generate = False
+  return config
+
+
+def _checkpoint_params(workdir, step):
+  import jax
+  import numpy as np
+  import orbax.checkpoint as ocp
+  path = os.path.join(workdir, 'checkpoints', str(step), 'state')
+  params = ocp.StandardCheckpointer().restore(os.path.abspath(path))['params']
+  return [np.asarray(x) for x in jax.tree.leaves(params)]
+
+
+def test_nonfinite_stop_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+  import numpy as np
+  from distill.train import logging as log_lib
+  with pytest.raises(log_lib.NonFiniteLossError, match=r'non-finite grad_norm at step 3'):
+    trainer.train(_overflowing_config('stop'), str(tmp_path))
+  saved = sorted(int(s) for s in os.listdir(tmp_path / 'checkpoints') if s.isdigit())
+  assert saved == [1, 2]
+  assert all(np.isfinite(x).all() for x in _checkpoint_params(tmp_path, 2))
+
+
+def test_nonfinite_skip_keeps_the_state_and_counts_the_steps(tmp_path):
+  import numpy as np
+  from tests.helpers import read_metrics
+  with pytest.warns(UserWarning, match=r'skipped the update of non-finite step\(s\) 3 \('):
+    trainer.train(_overflowing_config('skip'), str(tmp_path))
+  skipped = {r['step']: r['skipped_steps'] for r in read_metrics(tmp_path) if 'skipped_steps' in r}
+  assert skipped == {1: 0, 2: 0, 3: 1, 4: 1}
+  after_step_2 = _checkpoint_params(tmp_path, 2)
+  assert all(np.isfinite(x).all() for x in after_step_2)
+  for a, b in zip(after_step_2, _checkpoint_params(tmp_path, 4), strict=True):
+    np.testing.assert_array_equal(a, b)

@@ -13,6 +13,7 @@ from ml_collections import config_dict
 
 from distill import losses
 from distill.models import ModelConfig
+from distill.train import nonfinite
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -23,6 +24,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2
   c.log_steps = 50
   c.eval_steps = 0              # evaluate every N steps; 0: only at the end
+  # A step whose loss or gradient is not finite: 'stop' the run naming it, or 'skip' its
+  # update and count it (distill.train.nonfinite).
+  c.nonfinite = 'stop'
 
   # What is trained: 'teacher' fits the teacher to ground truth (cross-entropy);
   # 'student' distils from a teacher checkpoint (or trains on ground truth when
@@ -129,6 +133,9 @@ def validate(config, *, model_max_seq_len: int | None = None, data_parallel: int
     raise ValueError(f'config.eval_steps must be >= 0, got {config.eval_steps}')
   if config.optimizer.warmup_steps < 0:
     raise ValueError(f'config.optimizer.warmup_steps must be >= 0, got {config.optimizer.warmup_steps}')
+  if config.nonfinite not in nonfinite.POLICIES:
+    raise ValueError(f'config.nonfinite must be one of {nonfinite.POLICIES}, got '
+                     f'{config.nonfinite!r}')
   if config.role not in ('teacher', 'student'):
     raise ValueError(f"config.role must be 'teacher' or 'student', got {config.role!r}")
   if config.loss.reduction not in losses.MODES:

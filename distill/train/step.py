@@ -22,6 +22,7 @@ import optax
 
 from distill.algorithms import divergence, hooks
 from distill.parallel import mesh as mesh_lib
+from distill.train import nonfinite
 
 
 def make_context(config, run, student_graphdef, optimizer) -> hooks.StepContext:
@@ -45,8 +46,11 @@ def apply_update(optimizer, grads, opt_state, params):
   return optax.apply_updates(params, updates), opt_state
 
 
-def build_step(ctx: hooks.StepContext, method) -> Callable:
+def build_step(ctx: hooks.StepContext, method, *, skip_nonfinite: bool = False) -> Callable:
   """The pure step(state, teacher_params, batch) -> (state, metrics) of `method`.
+
+  skip_nonfinite (config.nonfinite='skip'): a step with a non-finite metric keeps the old
+  state (distill.train.nonfinite).
 
   state['algo'] holds {'rows': …, 'objective': …} and, when the objective trains parameters
   of its own, 'trainable': {'params': …, 'opt_state': …} (see Method.init_state).
@@ -81,6 +85,8 @@ def build_step(ctx: hooks.StepContext, method) -> Callable:
                'grad_norm': (optax.tree.norm(grads['params']), jnp.float32(1.0))}
     new_state = dict(state, params=params, opt_state=opt_state, step=state['step'] + 1,
                      algo=new_algo)
+    if skip_nonfinite:
+      new_state = nonfinite.keep_state_unless_finite(state, new_state, metrics)
     return new_state, metrics
 
   return step
@@ -90,6 +96,6 @@ def make_step(config, run, method, graphdef, shardings, optimizer):
   """build_step jitted with the state's shardings, the state donated (updated in place)."""
   ctx = make_context(config, run, graphdef, optimizer)
   teacher_shardings = jax.tree.map(lambda x: x.sharding, run.teacher_params)
-  return jax.jit(build_step(ctx, method),
+  return jax.jit(build_step(ctx, method, skip_nonfinite=config.nonfinite == 'skip'),
                  in_shardings=(shardings, teacher_shardings, mesh_lib.batch_sharding(run.mesh)),
                  out_shardings=(shardings, None), donate_argnums=(0,))

@@ -19,6 +19,7 @@ from distill.models import count_params
 from distill.parallel import mesh as mesh_lib
 from distill.train import checkpoint as ckpt_lib
 from distill.train import lock as lock_lib
+from distill.train import nonfinite as nonfinite_lib
 from distill.train import logging as log_lib
 from distill.train import optimizer as opt_lib
 from distill.train import run as run_lib
@@ -67,27 +68,30 @@ def _train(config, workdir: str) -> dict:
   progress = _progress(config, start_step)
   pending: list[dict] = []
   last_log = time.perf_counter()
-  for step in range(start_step + 1, config.total_steps + 1):
-    batch = run_lib.to_global(next(batches), batch_sharding)
-    state, metrics = step_fn(state, run.teacher_params, batch)
-    pending.append(metrics)   # stays on device: the next step is dispatched before reading
-    is_checkpoint = step % config.checkpoint_steps == 0 or step == config.total_steps
-    # Logging at every checkpoint too keeps a resumed run's metrics identical.
-    if step % config.log_steps == 0 or is_checkpoint:
-      values = log_lib.reduce_metrics(pending)
-      elapsed = time.perf_counter() - last_log
-      values['tokens_per_s'] = len(pending) * config.data.batch_size * run.seq_len / elapsed
-      values['learning_rate'] = float(opt_lib.learning_rate_schedule(config)(step))
-      writer.write(step, values)
-      progress.update(step, values)
-      pending, last_log = [], time.perf_counter()
-    if config.eval_steps and step % config.eval_steps == 0 and step != config.total_steps:
-      eval_metrics = eval_lib.evaluate(run, graphdef, state['params'])
-      writer.write(step, {f'eval/{k}': v for k, v in eval_metrics.items()}, check_finite=())
-      state = method.after_eval(state, eval_metrics)
-    if is_checkpoint:
-      checkpointer.save(step, state, batches.get_state())
-  checkpointer.close()
+  try:
+    for step in range(start_step + 1, config.total_steps + 1):
+      batch = run_lib.to_global(next(batches), batch_sharding)
+      state, metrics = step_fn(state, run.teacher_params, batch)
+      pending.append(metrics)   # stays on device: the next step is dispatched before reading
+      is_checkpoint = step % config.checkpoint_steps == 0 or step == config.total_steps
+      # Logging at every checkpoint too keeps a resumed run's metrics identical.
+      if step % config.log_steps == 0 or is_checkpoint:
+        values = nonfinite_lib.reduce_finite(pending, step, config.nonfinite)
+        elapsed = time.perf_counter() - last_log
+        values['tokens_per_s'] = len(pending) * config.data.batch_size * run.seq_len / elapsed
+        values['learning_rate'] = float(opt_lib.learning_rate_schedule(config)(step))
+        writer.write(step, values)
+        progress.update(step, values)
+        pending, last_log = [], time.perf_counter()
+      if config.eval_steps and step % config.eval_steps == 0 and step != config.total_steps:
+        eval_metrics = eval_lib.evaluate(run, graphdef, state['params'])
+        writer.write(step, {f'eval/{k}': v for k, v in eval_metrics.items()}, check_finite=())
+        state = method.after_eval(state, eval_metrics)
+      if is_checkpoint:
+        checkpointer.save(step, state, batches.get_state())
+  finally:
+    # A run stopped by an error still finishes writing its last (good) checkpoint.
+    checkpointer.close()
   progress.close()
 
   final = eval_lib.evaluate(run, graphdef, state['params'])
