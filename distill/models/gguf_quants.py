@@ -30,7 +30,8 @@ Q = gguf.GGMLQuantizationType
 F32 = np.float32
 # llama.cpp treats a group whose largest |value| is below this as all zeros.
 GROUP_MAX_EPS = F32(1e-15)
-# Super-blocks quantised per numpy pass: bounds the temporaries (a few [chunk, 256] float32).
+# Values quantised per numpy pass, in 256-value super-blocks: bounds the temporaries (a few
+# float32 arrays of this many super-blocks).
 _CHUNK_BLOCKS = 8192
 
 
@@ -146,7 +147,8 @@ def _scale_min_search(x_32xM: np.ndarray, nmax: int, rmin: float, rdelta: float,
 
 
 def _k_scales(x_Nx256: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
-  """Q4_K/Q5_K super-block header and levels: (d, dmin, 12 scale bytes, levels [N, 256])."""
+  """Q4_K/Q5_K super-blocks: (16 header bytes — d, dmin as fp16 and 12 bytes of 6-bit scales
+  and mins — [N, 16], levels [N, 256])."""
   N = x_Nx256.shape[0]
   x_32xM = np.ascontiguousarray(x_Nx256.reshape(N * 8, 32).T)
   scale_M, min_M, l_32xM = _scale_min_search(x_32xM, nmax, rmin, rdelta, nstep)
