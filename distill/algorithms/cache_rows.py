@@ -55,19 +55,28 @@ class CacheRows(hooks.Rows):
     if self.num_rows() > available:
       raise ValueError(f'{self.LABEL} needs {self.num_rows()} train examples but task '
                        f'{self.run.task.name!r} has {available}')
-    self.identity = teacher_cache.run_identity(self.run, self.KIND, **self.identity_settings())
+    self.identity = teacher_cache.run_identity(self.run, self.KIND, self.teacher_fingerprint(),
+                                               **self.identity_settings())
     # A cache made for another run is refused now, before anything compiles.
     teacher_cache.check_existing(self.cache_dir, self.identity, num_rows=self.num_rows(),
                                  rows_per_shard=options['rows_per_shard'])
 
-  def build_cache(self, stop_after_shards: int | None = None) -> dict:
-    """Writes (or finishes, or reuses) the cache; returns its manifest."""
+  def teacher_fingerprint(self) -> str:
+    """The teacher the rows depend on: the exact bits of its parameters."""
+    return teacher_cache.fingerprint_model(self.run.teacher_config, self.run.teacher_params)
+
+  def producer(self):
+    """produce(start, stop) -> rows start .. stop-1 (teacher_cache.write's `produce`)."""
     compute = jax.jit(self.compute)   # the teacher is an argument, not a baked-in constant
-    produce = teacher_cache.produce_in_batches(
+    return teacher_cache.produce_in_batches(
         self.run, lambda batch, first: compute(self.run.teacher_params, batch, first),
         self.write_batch_size)
+
+  def build_cache(self, stop_after_shards: int | None = None) -> dict:
+    """Writes (or finishes, or reuses) the cache; returns its manifest."""
     return teacher_cache.write(self.cache_dir, self.identity, num_rows=self.num_rows(),
-                               rows_per_shard=self.options['rows_per_shard'], produce=produce,
+                               rows_per_shard=self.options['rows_per_shard'],
+                               produce=self.producer(),
                                label=self.LABEL, stop_after_shards=stop_after_shards)
 
   def train_batches(self, default):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from distill.algorithms import hooks
+from distill.algorithms import hooks, served
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,12 +40,15 @@ class Method:
     def options(hook):
       return {**hook.DEFAULTS, **{k: v for k, v in kwargs.items() if k in hook.DEFAULTS}}
 
-    self.rows = spec.rows(config, run, options(spec.rows))
+    # A served teacher (config.teacher.server) replaces the rows hook by its served variant.
+    rows = spec.rows if run.teacher_server is None else served.rows_for(spec)
+    self.rows = rows(config, run, options(rows))
     self.objective = spec.objective(config, run, options(spec.objective))
 
   def validate(self) -> None:
     name, rows, objective = self.spec.name, self.rows, self.objective
-    if (rows.needs_teacher or objective.needs_teacher) and self.run.teacher_params is None:
+    has_teacher = self.run.teacher_params is not None or getattr(rows, 'serves_teacher', False)
+    if (rows.needs_teacher or objective.needs_teacher) and not has_teacher:
       raise ValueError(f'algorithm {name!r} needs a teacher: set config.teacher.checkpoint to '
                        'the workdir of a finished teacher run')
     divergence = self.config.loss.divergence

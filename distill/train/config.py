@@ -61,6 +61,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher = ml_collections.ConfigDict()
   c.teacher.checkpoint = ''     # a finished run's workdir, or a Hugging Face checkpoint folder
   c.teacher.preset = ''         # must match the checkpoint's preset when given
+  # A teacher on a server speaking vLLM's completions protocol ('http://host:port':
+  # python -m distill.serve, or vllm serve): cached_teacher, topk_online and seqkd take its
+  # top-k / generations (distill.algorithms.served). With teacher.checkpoint as well, the
+  # server must serve exactly those weights (fingerprints compared).
+  c.teacher.server = ''
+  c.teacher.server_model = ''   # the served model's name ('': the server's only model)
+  c.teacher.fingerprint = ''    # the model fingerprint the server must report ('': any)
+  c.teacher.client = ml_collections.ConfigDict(dict(    # distill.teacher_client.ClientOptions
+      timeout_s=120.0, retries=5, backoff_s=0.5, max_backoff_s=30.0, rows_per_request=32,
+      concurrency=4))
 
   c.loss = ml_collections.ConfigDict()
   c.loss.divergence = 'forward_kl'
@@ -143,8 +153,10 @@ def validate(config, *, model_max_seq_len: int | None = None, data_parallel: int
                      f'valid: {", ".join(losses.MODES)}')
   if config.loss.kd_weight < 0 or config.loss.ce_weight < 0:
     raise ValueError('config.loss.kd_weight and ce_weight must be >= 0')
-  if config.role == 'student' and config.loss.kd_weight > 0 and not config.teacher.checkpoint:
+  if (config.role == 'student' and config.loss.kd_weight > 0 and not config.teacher.checkpoint
+      and not config.teacher.server):
     raise ValueError('config.loss.kd_weight > 0 needs a teacher: set config.teacher.checkpoint '
+                     '(or config.teacher.server) '
                      'to the workdir of a finished teacher run')
   seq_len = config.task.prompt_len + config.task.completion_len
   if model_max_seq_len is not None and seq_len > model_max_seq_len:

@@ -12,7 +12,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from distill.data import pipeline, tasks
+from distill import teacher_client
+from distill.data import pipeline, tasks, teacher_cache
 from distill.data.hf_tokenizer import HFTokenizer
 from distill.data.tokenizer import CharTokenizer
 from distill.models import ModelConfig, get_preset
@@ -33,6 +34,7 @@ class Run:
   teacher_graphdef: Any = None
   teacher_params: Any = None
   teacher_config: ModelConfig | None = None
+  teacher_server: Any = None    # distill.teacher_client.TeacherClient (config.teacher.server)
   initial_params: Any = None    # the student's starting point (model.init_from)
 
   @property
@@ -84,6 +86,10 @@ def build_run(config, workdir: str) -> Run:
       raise ValueError(f'teacher.preset={config.teacher.preset!r} does not match the model saved in '
                        f'{config.teacher.checkpoint}: {teacher_config}')
     run.teacher_graphdef, run.teacher_params, run.teacher_config = graphdef, params, teacher_config
+  if config.role == 'student' and config.teacher.server:
+    local = (None if run.teacher_params is None else
+             teacher_cache.fingerprint_model(run.teacher_config, run.teacher_params))
+    run.teacher_server = teacher_client.open_for_run(config, tokenizer, local)
   return run
 
 
