@@ -108,3 +108,78 @@ def test_nonfinite_skip_keeps_the_state_and_counts_the_steps(tmp_path):
   assert all(np.isfinite(x).all() for x in after_step_2)
   for a, b in zip(after_step_2, _checkpoint_params(tmp_path, 4), strict=True):
     np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------------- torn or corrupt state
+
+
+def _truncate(path):
+  with open(path, 'r+b') as f:
+    f.truncate(os.path.getsize(path) // 2)
+
+
+def _flip_byte(path):
+  with open(path, 'r+b') as f:
+    f.seek(os.path.getsize(path) // 2)
+    byte = f.read(1)
+    f.seek(-1, 1)
+    f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def _largest_file(directory):
+  files = [os.path.join(r, n) for r, _, names in os.walk(directory) for n in names
+           if n != 'checksums.json']
+  return max(files, key=os.path.getsize)
+
+
+@pytest.mark.parametrize('damage', [_truncate, _flip_byte, os.remove])
+def test_torn_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, damage):
+  """Orbax reads a flipped byte of array data as a valid value: the recorded checksums catch
+  it, as they catch truncation and a missing file."""
+  import jax.numpy as jnp
+  import numpy as np
+  from distill.train import checkpoint as ckpt_lib
+  state = {'w': jnp.arange(5000, dtype=jnp.float32), 'step': jnp.int32(0)}
+  shardings = {k: v.sharding for k, v in state.items()}
+  checkpointer = ckpt_lib.Checkpointer(str(tmp_path), {'run': 1})
+  for step in (1, 2):
+    checkpointer.save(step, dict(state, w=state['w'] * step, step=jnp.int32(step)), {'at': step})
+  checkpointer.close()
+  broken = _largest_file(tmp_path / 'checkpoints' / '2')   # the array data
+  damage(broken)
+  checkpointer = ckpt_lib.Checkpointer(str(tmp_path), {'run': 1})
+  with pytest.warns(UserWarning, match=r'checkpoint step 2 is torn or corrupt.*' +
+                    os.path.basename(broken)):
+    restored, data = checkpointer.restore(state, shardings)
+  assert data == {'at': 1} and int(restored['step']) == 1
+  np.testing.assert_array_equal(restored['w'], np.arange(5000, dtype=np.float32))
+  assert os.listdir(tmp_path / 'corrupt_checkpoints')[0].startswith('2-')
+  checkpointer.save(2, state, {'at': 2})   # the resumed run saves its own step 2
+  checkpointer.close()
+
+
+def test_torn_cache_shards_are_computed_again_and_a_torn_manifest_refused(tmp_path):
+  import numpy as np
+  from distill.data import teacher_cache
+  calls = []
+
+  def produce(start, stop):
+    calls.append(start)
+    return {'x': np.arange(start * 50, stop * 50, dtype=np.float32).reshape(-1, 50)}
+
+  directory = str(tmp_path / 'cache')
+  write = lambda: teacher_cache.write(directory, {'kind': 'test'}, num_rows=12,
+                                      rows_per_shard=4, produce=produce, label='t')
+  write()
+  _flip_byte(os.path.join(directory, 'shard-00001', 'x.npy'))
+  _truncate(os.path.join(directory, 'shard-00002', 'x.npy'))
+  calls.clear()
+  with pytest.warns(UserWarning, match='shard-00001 is torn or corrupt') as warned:
+    assert write()['complete']
+  assert calls == [4, 8] and 'shard-00002' in str(warned[1].message)
+  source = teacher_cache.RowSource(directory, {'kind': 'test'})
+  np.testing.assert_array_equal(np.stack([source[i]['x'] for i in range(12)]),
+                                np.arange(600, dtype=np.float32).reshape(12, 50))
+  _truncate(os.path.join(directory, 'manifest.json'))
+  with pytest.raises(ValueError, match=r'manifest.json is unreadable .*delete the folder'):
+    write()

@@ -8,10 +8,13 @@ Layout of a cache directory:
                           .npy per field, read memory-mapped (random access, nothing loaded)
 
 A writer never leaves a cache that reads as complete before it is: each shard is written to
-shard-NNNNN.tmp/ and renamed into place (atomic), the manifest is replaced atomically after
-each shard, and 'complete': true is written last. A writer killed at any point leaves whole
-shards; the next `write` recomputes only the missing ones (leftover .tmp folders are
-deleted). A cache whose identity differs from the run's is refused, naming the fields.
+shard-NNNNN.tmp/ with its files' checksums (distill.data.integrity) and renamed into place
+(atomic), the manifest is replaced atomically after each shard, and 'complete': true is
+written last. A writer killed at any point leaves whole shards; the next `write` recomputes
+only the missing ones (leftover .tmp folders are deleted). Every `write` (each run that uses
+the cache) verifies the shards' checksums and computes a torn or corrupted shard again, with
+a warning naming it. A cache whose identity differs from the run's is refused, naming the
+fields.
 
 Rows are examples 0 .. num_rows-1 of the task's train split in index order, computed in
 fixed batches (padded at the end) so a resumed writer computes exactly what an
@@ -25,6 +28,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from typing import Callable
 
 import grain
@@ -33,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from distill.data import pipeline
+from distill.data import integrity, pipeline
 from distill.parallel import mesh as mesh_lib
 
 MANIFEST = 'manifest.json'
@@ -71,10 +75,10 @@ def fingerprint_model(model_config, params) -> str:
   return 'sha256-' + hashlib.sha256(blob).hexdigest()[:16]
 
 
-def run_identity(run, kind: str, teacher: str, **settings) -> dict:
-  """What a cache made for `run` depends on: the teacher's fingerprint (fingerprint_model, or
-  the one a teacher server reports), tokenizer, task (with lengths), settings."""
-  identity = {'kind': kind, 'teacher': teacher,
+def run_identity(run, kind: str, **settings) -> dict:
+  """What a cache made for `run` depends on: teacher, tokenizer, task (with lengths), settings."""
+  identity = {'kind': kind,
+              'teacher': fingerprint_model(run.teacher_config, run.teacher_params),
               'tokenizer': run.tokenizer.fingerprint(),
               'task': run.config.task.to_dict(), 'split': 'train', **settings}
   return json.loads(json.dumps(identity))   # as it reads back from the manifest
@@ -87,8 +91,12 @@ def read_manifest(directory: str) -> dict | None:
   path = os.path.join(directory, MANIFEST)
   if not os.path.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f'{path} is unreadable ({e}); nothing in {directory} can be trusted '
+                     'without it: delete the folder to rebuild the cache') from None
 
 
 def check_identity(directory: str, manifest: dict, identity: dict) -> None:
@@ -123,6 +131,18 @@ def _write_json(path: str, value: dict) -> None:
   os.replace(path + '.tmp', path)
 
 
+def _torn_shards(directory: str, num_shards: int) -> set[int]:
+  """Shards whose files differ from their recorded checksums (warned, named): rewritten."""
+  torn = set()
+  for shard in range(num_shards):
+    found = integrity.problems(_shard_dir(directory, shard))   # None: absent or unrecorded
+    if found:
+      warnings.warn(f'{_shard_dir(directory, shard)} is torn or corrupt ({"; ".join(found)}); '
+                    'skipping it: it is computed again')
+      torn.add(shard)
+  return torn
+
+
 def _sync(name: str) -> None:
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)
@@ -146,6 +166,9 @@ def write(directory: str, identity: dict, *, num_rows: int, rows_per_shard: int,
   _sync('teacher-cache-start')
   manifest = check_existing(directory, identity, num_rows=num_rows,
                             rows_per_shard=rows_per_shard)
+  torn = _torn_shards(directory, num_shards)
+  if torn and manifest is not None:
+    manifest['complete'] = False
   if manifest is not None and manifest['complete']:
     print(f'{label}: reusing {manifest["num_rows"]} rows in {directory}', flush=True)
     return manifest
@@ -153,10 +176,13 @@ def write(directory: str, identity: dict, *, num_rows: int, rows_per_shard: int,
     manifest = {'identity': dict(identity, num_rows=num_rows, rows_per_shard=rows_per_shard),
                 'num_rows': num_rows, 'rows_per_shard': rows_per_shard,
                 'num_shards': num_shards, 'fields': {}, 'rows_computed': 0, 'complete': False}
-  missing = [s for s in range(num_shards) if not os.path.isdir(_shard_dir(directory, s))]
+  missing = [s for s in range(num_shards)
+             if s in torn or not os.path.isdir(_shard_dir(directory, s))]
   _sync('teacher-cache-listed')
   if writer:
     os.makedirs(directory, exist_ok=True)
+    for shard in torn:
+      shutil.rmtree(_shard_dir(directory, shard))
     for name in os.listdir(directory):   # shards a killed writer left half-written
       if name.endswith('.tmp') and name.startswith('shard-'):
         shutil.rmtree(os.path.join(directory, name))
@@ -175,6 +201,7 @@ def write(directory: str, identity: dict, *, num_rows: int, rows_per_shard: int,
       os.makedirs(tmp)
       for name, value in rows.items():
         np.save(os.path.join(tmp, f'{name}.npy'), value)
+      integrity.record(tmp)
       os.rename(tmp, _shard_dir(directory, shard))
       _write_json(os.path.join(directory, MANIFEST), manifest)
     written += 1
