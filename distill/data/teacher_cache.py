@@ -75,10 +75,10 @@ def fingerprint_model(model_config, params) -> str:
   return 'sha256-' + hashlib.sha256(blob).hexdigest()[:16]
 
 
-def run_identity(run, kind: str, **settings) -> dict:
-  """What a cache made for `run` depends on: teacher, tokenizer, task (with lengths), settings."""
-  identity = {'kind': kind,
-              'teacher': fingerprint_model(run.teacher_config, run.teacher_params),
+def run_identity(run, kind: str, teacher: str, **settings) -> dict:
+  """What a cache made for `run` depends on: the teacher's fingerprint (fingerprint_model, or
+  the one a teacher server reports), tokenizer, task (with lengths), settings."""
+  identity = {'kind': kind, 'teacher': teacher,
               'tokenizer': run.tokenizer.fingerprint(),
               'task': run.config.task.to_dict(), 'split': 'train', **settings}
   return json.loads(json.dumps(identity))   # as it reads back from the manifest
