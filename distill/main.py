@@ -14,6 +14,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from distill import plugins
+from distill.train import checkpoint as ckpt_lib
 from distill.train import lock as lock_lib
 from distill.train import logging as log_lib
 from distill.train import trainer
@@ -29,7 +30,8 @@ _IMPORT = flags.DEFINE_multi_string(
 flags.mark_flags_as_required(['config', 'workdir'])
 
 USER_ERRORS = (AttributeError, KeyError, ValueError, FileNotFoundError, ImportError,
-               lock_lib.WorkdirLockedError, log_lib.NonFiniteLossError)
+               lock_lib.WorkdirLockedError, log_lib.NonFiniteLossError,
+               ckpt_lib.DiskSpaceError)
 
 
 def main(argv):

@@ -183,3 +183,68 @@ def test_torn_cache_shards_are_computed_again_and_a_torn_manifest_refused(tmp_pa
   _truncate(os.path.join(directory, 'manifest.json'))
   with pytest.raises(ValueError, match=r'manifest.json is unreadable .*delete the folder'):
     write()
+
+
+# ---------------------------------------------------------------------- disk
+
+
+def _tiny_state(value):
+  import jax.numpy as jnp
+  return {'w': jnp.full((1000,), value, jnp.float32), 'step': jnp.int32(0)}
+
+
+def test_retention_keeps_the_last_n_and_the_best_by_a_metric(tmp_path):
+  from distill.train import checkpoint as ckpt_lib
+  checkpointer = ckpt_lib.Checkpointer(str(tmp_path), {'run': 1}, max_to_keep=2,
+                                       best_metric='eval/ce', best_mode='min')
+  for step, ce in zip(range(1, 7), [5.0, 1.0, 4.0, float('nan'), 3.0, None]):
+    metrics = {'loss': 9.0} if ce is None else {'loss': 9.0, 'eval/ce': ce}
+    checkpointer.save(step, _tiny_state(step), None, metrics=metrics)
+  checkpointer.close()
+  assert ckpt_lib.Checkpointer(str(tmp_path), {'run': 1}).manager.all_steps() == [2, 5, 6]
+
+
+def test_a_save_the_disk_cannot_hold_is_refused_before_writing(tmp_path, monkeypatch):
+  import shutil
+  from distill.train import checkpoint as ckpt_lib
+  checkpointer = ckpt_lib.Checkpointer(str(tmp_path), {'run': 1})
+  checkpointer.save(1, _tiny_state(1), {'at': 1})
+  checkpointer.wait()
+  real = shutil.disk_usage(tmp_path)
+  monkeypatch.setattr(ckpt_lib.shutil, 'disk_usage', lambda path: real._replace(free=100_000))
+  with pytest.raises(ckpt_lib.DiskSpaceError,
+                     match=r'checkpoint of step 2: it needs about 1.0 MiB, .* has 0.1 MiB free'):
+    checkpointer.save(2, _tiny_state(2), {'at': 2})
+  checkpointer.close()
+  assert checkpointer.manager.all_steps() == [1]
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1', 'identity.json']
+
+
+# ---------------------------------------------------------------------- tracker down
+
+
+def test_unreachable_wandb_server_logs_offline_with_one_warning_and_no_wait(tmp_path, monkeypatch):
+  import socket
+  import time
+  from distill.train import logging as log_lib
+  with socket.socket() as s:   # a port nothing listens on
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  monkeypatch.delenv('WANDB_MODE', raising=False)
+  monkeypatch.setenv('WANDB_API_KEY', 'a' * 40)
+  monkeypatch.setenv('WANDB_BASE_URL', f'http://127.0.0.1:{port}')
+  monkeypatch.setenv('WANDB_SILENT', 'true')
+  config = small_config('arithmetic_student', 'small,scratch')
+  config.wandb.mode = 'online'
+  start = time.monotonic()
+  with pytest.warns(UserWarning, match=r'unreachable .*`wandb sync .*offline-run-\*`') as warned:
+    writer = log_lib.MetricsWriter(str(tmp_path), config)
+    writer.write(1, {'loss': 1.5})
+    writer.close()
+  # W&B alone retries the dead server for its whole init_timeout (30 s) before failing.
+  assert time.monotonic() - start < 25
+  assert len([w for w in warned if 'W&B' in str(w.message)]) == 1
+  assert writer._wandb.settings.mode == 'offline'
+  assert any(name.startswith('offline-run-') for name in os.listdir(tmp_path / 'wandb'))
+  with open(tmp_path / 'metrics.jsonl') as f:
+    assert f.read() == '{"step": 1, "loss": 1.5}\n'

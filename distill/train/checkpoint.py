@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import os
 import shutil
 import time
@@ -40,19 +41,35 @@ def identity_mismatch(saved: dict, current: dict) -> list[str]:
           for k in keys if saved.get(k) != current.get(k)]
 
 
-class Checkpointer:
-  """Saves/restores the train state and data-iterator state under workdir/checkpoints."""
+class DiskSpaceError(OSError):
+  """The checkpoint directory's disk has less room than the next save needs."""
 
-  def __init__(self, workdir: str, identity: dict, *, max_to_keep: int = 2):
+
+class Checkpointer:
+  """Saves/restores the train state and data-iterator state under workdir/checkpoints.
+
+  Retention: the last `max_to_keep` steps, and with `best_metric` (a metric passed to
+  `save`, e.g. 'eval/ce' or 'loss') also the `keep_best` best steps by it ('min' or 'max').
+  """
+
+  def __init__(self, workdir: str, identity: dict, *, max_to_keep: int = 2,
+               best_metric: str = '', best_mode: str = 'min', keep_best: int = 1):
     self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
     # As it reads back from the JSON file (tuples become lists), so the two compare equal.
     self.identity = json.loads(json.dumps(identity))
     self._check_identity()
     self._unrecorded = collections.deque()   # saved steps whose checksums are not yet written
+    self.best_metric = best_metric
+    policies = [ocp.checkpoint_managers.LatestN(n=max_to_keep)]
+    if best_metric:
+      policies.append(ocp.checkpoint_managers.BestN(
+          get_metric_fn=lambda metrics: metrics[best_metric], reverse=best_mode == 'min',
+          n=keep_best, keep_checkpoints_without_metrics=False))
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True,
+            create=True,
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
             # a save killed half-way leaves a tmp folder: delete it on the next start
             cleanup_tmp_directories=True),
     )
@@ -88,13 +105,31 @@ class Checkpointer:
       if jax.process_index() == 0 and os.path.isdir(self.step_directory(step)):
         integrity.record(self.step_directory(step))
 
-  def save(self, step: int, state, data_state: dict | None, *, force: bool = False):
+  def save(self, step: int, state, data_state: dict | None, *, force: bool = False,
+           metrics: dict | None = None):
+    """metrics: this step's logged values; the best_metric among them ranks the step."""
     self._record_checksums()
+    self._check_disk_space(step, state)
     items = {'state': ocp.args.StandardSave(state)}
     if data_state is not None:
       items['data'] = ocp.args.JsonSave(data_state)
+    value = (metrics or {}).get(self.best_metric)
+    ranked = ({self.best_metric: float(value)}
+              if self.best_metric and value is not None and math.isfinite(value) else None)
     self._unrecorded.append(step)
-    self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    self.manager.save(step, args=ocp.args.Composite(**items), force=force, metrics=ranked)
+
+  def _check_disk_space(self, step: int, state):
+    """Refuses a save the disk cannot hold, before a byte of it is written."""
+    # Uncompressed array bytes: an upper bound for float data up to Orbax's small metadata.
+    needed = sum(x.nbytes for x in jax.tree.leaves(state)) + (1 << 20)
+    free = shutil.disk_usage(self.directory).free
+    if free < needed:
+      raise DiskSpaceError(
+          f'not enough disk for the checkpoint of step {step}: it needs about '
+          f'{needed / 2**20:,.1f} MiB, {self.directory} has {free / 2**20:,.1f} MiB free. Free '
+          'space, lower config.keep_checkpoints, or point --workdir at a larger disk; the '
+          'previous checkpoints are intact.')
 
   def restore(self, state_template, shardings, *, with_data: bool = True) -> tuple[Any, dict | None]:
     """The newest intact step's (state, data state); newer broken steps are set aside."""

@@ -21,7 +21,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.total_steps = 1000
   c.checkpoint_steps = 200      # save every N steps (and at the end)
-  c.keep_checkpoints = 2
+  c.keep_checkpoints = 2        # the last N steps
+  # Also keep the `count` best steps by a logged metric, e.g. 'eval/ce' (logged at steps that
+  # are multiples of eval_steps) or 'loss'; '' keeps only the last N.
+  c.keep_best = ml_collections.ConfigDict({'metric': '', 'mode': 'min', 'count': 1})
   c.log_steps = 50
   c.eval_steps = 0              # evaluate every N steps; 0: only at the end
   # A step whose loss or gradient is not finite: 'stop' the run naming it, or 'skip' its
@@ -131,6 +134,10 @@ def validate(config, *, model_max_seq_len: int | None = None, data_parallel: int
   positive('total_steps', config.total_steps)
   positive('checkpoint_steps', config.checkpoint_steps)
   positive('log_steps', config.log_steps)
+  positive('keep_checkpoints', config.keep_checkpoints)
+  positive('keep_best.count', config.keep_best.count)
+  if config.keep_best.mode not in ('min', 'max'):
+    raise ValueError(f"config.keep_best.mode must be 'min' or 'max', got {config.keep_best.mode!r}")
   positive('data.batch_size', config.data.batch_size)
   positive('data.eval_batch_size', config.data.eval_batch_size)
   positive('optimizer.learning_rate', config.optimizer.learning_rate)

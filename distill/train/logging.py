@@ -1,14 +1,19 @@
 """Metrics out of the run: metrics.jsonl (always), W&B (best effort), a progress bar.
 
 Only process 0 writes. W&B never blocks or crashes training: without an API key it runs
-offline, and any failure to start it leaves the JSONL file as the record.
+offline; an unreachable server (checked with a 5 s connect) or a failed online start gives
+an offline run with one warning saying how to `wandb sync` it later; a failure mid-run or a
+finish that does not return within a minute leaves the JSONL file as the record.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import socket
 import sys
+import threading
+import urllib.parse
 import warnings
 
 import jax
@@ -43,6 +48,7 @@ class MetricsWriter:
     self.is_writer = jax.process_index() == 0
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self._wandb = None
+    self._written_step, self._written = None, {}
     if not self.is_writer:
       return
     os.makedirs(workdir, exist_ok=True)
@@ -68,6 +74,9 @@ class MetricsWriter:
         raise NonFiniteLossError(
             f'{name} is {metrics[name]} at step {step}; stopping (last checkpoint kept). '
             'Lower the learning rate or check the data and the teacher.')
+    if step != self._written_step:
+      self._written_step, self._written = step, {}
+    self._written.update(metrics)
     if not self.is_writer:
       return
     record = {'step': int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
@@ -77,15 +86,35 @@ class MetricsWriter:
       try:
         self._wandb.log({k: v for k, v in record.items() if k != 'step'}, step=int(step))
       except Exception as e:  # noqa: BLE001 - logging must never stop training
-        warnings.warn(f'W&B logging failed, continuing with metrics.jsonl only: {e}')
+        warnings.warn(f'W&B logging failed, continuing with metrics.jsonl only: {e}. '
+                      f'What it recorded is in {self._wandb_dir()}: `wandb sync` it later')
         self._wandb = None
 
-  def close(self):
-    if self._wandb is not None:
-      try:
-        self._wandb.finish()
-      except Exception:  # noqa: BLE001
-        pass
+  def _wandb_dir(self) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(self.path)), 'wandb')
+
+  def written_at(self, step: int) -> dict:
+    """Every metric written for `step` so far (train values, eval values)."""
+    return dict(self._written) if step == self._written_step else {}
+
+  def close(self, finish_timeout_s: float = 60.0):
+    if self._wandb is None:
+      return
+    # finish() waits for the uploads, which a dead server retries for minutes; the record
+    # is on disk either way, so the run does not wait longer than finish_timeout_s.
+    finisher = threading.Thread(target=self._finish_quietly, daemon=True)
+    finisher.start()
+    finisher.join(finish_timeout_s)
+    if finisher.is_alive():
+      warnings.warn(f'W&B did not finish uploading within {finish_timeout_s:.0f} s; the run is '
+                    f'in {self._wandb_dir()}: `wandb sync` it later')
+
+  def _finish_quietly(self):
+    try:
+      self._wandb.finish()
+    except Exception as e:  # noqa: BLE001 - the JSONL file is the record
+      warnings.warn(f'W&B finish failed ({e}); the run is in {self._wandb_dir()}: '
+                    '`wandb sync` it later')
 
 
 def _jsonable(value):
@@ -102,11 +131,42 @@ def _start_wandb(workdir: str, config):
     mode = 'online' if os.environ.get('WANDB_API_KEY') else 'offline'
   try:
     import wandb
-    return wandb.init(
-        project=config.wandb.project, group=config.wandb.group or None,
-        name=config.wandb.name or os.path.basename(os.path.abspath(workdir)),
-        dir=workdir, mode=mode, config=config.to_dict(), resume='allow',
-        settings=wandb.Settings(silent=True, init_timeout=60))
-  except Exception as e:  # noqa: BLE001 - no network or no wandb: the JSONL file remains
+  except ImportError as e:
     print(f'W&B unavailable ({e}); metrics go to metrics.jsonl only', file=sys.stderr)
     return None
+  server = os.environ.get('WANDB_BASE_URL', 'https://api.wandb.ai')
+  if mode == 'online':
+    problem = _unreachable(server)
+    if problem is None:
+      try:
+        return _init_wandb(wandb, workdir, config, 'online', init_timeout=30)
+      except Exception as e:  # noqa: BLE001 - any failure to go online: record offline
+        problem = str(e).splitlines()[0]
+    warnings.warn(f'W&B server {server} unreachable ({problem}); training goes on, metrics '
+                  'are in metrics.jsonl and in an offline W&B run: upload it later with '
+                  f'`wandb sync {os.path.join(os.path.abspath(workdir), "wandb", "offline-run-*")}`')
+  try:
+    return _init_wandb(wandb, workdir, config, 'offline', init_timeout=30)
+  except Exception as e:  # noqa: BLE001 - the JSONL file remains the record
+    print(f'W&B unavailable ({e}); metrics go to metrics.jsonl only', file=sys.stderr)
+    return None
+
+
+def _init_wandb(wandb, workdir: str, config, mode: str, *, init_timeout: float):
+  return wandb.init(
+      project=config.wandb.project, group=config.wandb.group or None,
+      name=config.wandb.name or os.path.basename(os.path.abspath(workdir)),
+      dir=workdir, mode=mode, config=config.to_dict(), resume='allow',
+      settings=wandb.Settings(silent=True, init_timeout=init_timeout))
+
+
+def _unreachable(url: str, timeout_s: float = 5.0) -> str | None:
+  """Why the server at `url` cannot be reached over TCP within timeout_s (None: it can).
+  W&B itself retries a dead server for its whole init_timeout before giving up."""
+  parsed = urllib.parse.urlparse(url)
+  port = parsed.port or (443 if parsed.scheme == 'https' else 80)
+  try:
+    socket.create_connection((parsed.hostname, port), timeout=timeout_s).close()
+  except OSError as e:
+    return f'{type(e).__name__}: {e}'
+  return None

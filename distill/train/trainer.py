@@ -53,7 +53,10 @@ def _train(config, workdir: str) -> dict:
   run.initial_params = None   # the state owns them now
   _write_run_files(run, state['params'])
 
-  checkpointer = ckpt_lib.Checkpointer(workdir, run.identity(), max_to_keep=config.keep_checkpoints)
+  checkpointer = ckpt_lib.Checkpointer(
+      workdir, run.identity(), max_to_keep=config.keep_checkpoints,
+      best_metric=config.keep_best.metric, best_mode=config.keep_best.mode,
+      keep_best=config.keep_best.count)
   batches = method.train_batches(run_lib.train_iterator(run))
   start_step = 0
   if checkpointer.latest_step() is not None:
@@ -88,7 +91,7 @@ def _train(config, workdir: str) -> dict:
         writer.write(step, {f'eval/{k}': v for k, v in eval_metrics.items()}, check_finite=())
         state = method.after_eval(state, eval_metrics)
       if is_checkpoint:
-        checkpointer.save(step, state, batches.get_state())
+        checkpointer.save(step, state, batches.get_state(), metrics=writer.written_at(step))
   finally:
     # A run stopped by an error still finishes writing its last (good) checkpoint.
     checkpointer.close()
