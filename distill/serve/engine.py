@@ -84,6 +84,9 @@ class Engine:
     self.max_model_len = self.model_config.max_seq_len
     self.fingerprint = teacher_cache.fingerprint_model(self.model_config, self.params)
     self.tokenizer_fingerprint = self.tokenizer.fingerprint()
+    # Each id's text, decoded once: responses name every top-k entry's token.
+    self.token_text = [self.tokenizer.decode([i]) if i < self.tokenizer.vocab_size else ''
+                       for i in range(self.model_config.vocab_size)]
     self.lock = threading.Lock()
     self._score = jax.jit(self._score_fn, static_argnames='k')
     self._generate = {}   # SamplingConfig -> jitted generate

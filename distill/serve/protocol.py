@@ -156,7 +156,7 @@ def complete(request: Completion, engine: Engine, *, served_name: str) -> dict:
   scores = engine.score([p + c for p, c in zip(prompts, completions)], k)
 
   def token_str(i):
-    return f'token_id:{i}' if request.tokens_as_ids else tokenizer.decode([i])
+    return f'token_id:{i}' if request.tokens_as_ids else engine.token_text[i]
 
   def top_dict(row, m, ids, lps, token, token_lp, rank):
     """vLLM's top-m of one position plus the token that is there, {id: Logprob}."""
@@ -177,7 +177,7 @@ def complete(request: Completion, engine: Engine, *, served_name: str) -> dict:
               'stop_reason': None, 'prompt_logprobs': None}
     if request.prompt_logprobs is not None:
       choice['prompt_logprobs'] = [None] + [
-          {str(t): {'logprob': lp, 'rank': r, 'decoded_token': tokenizer.decode([t])}
+          {str(t): {'logprob': lp, 'rank': r, 'decoded_token': engine.token_text[t]}
            for t, (lp, r) in top_dict(p - 1, request.prompt_logprobs, ids, lps, sequence[p],
                                       token_lps[p - 1], ranks[p - 1]).items()}
           for p in range(1, len(prompt))]
