@@ -20,12 +20,22 @@ from distill.data.tokenizer import CharTokenizer
 Example = dict[str, np.ndarray]
 
 
+def example_name(task, split: str, index: int) -> str:
+  """Where an example comes from, for errors: file and line for file sources."""
+  if hasattr(task, 'where'):
+    return task.where(index, split)
+  return f'{task.name} {split} example {index}'
+
+
 def encode_example(tokenizer: CharTokenizer, prompt: str, completion: str, *,
                    prompt_len: int, completion_len: int, name: str = 'example') -> Example:
   """One row of the batch layout above; ValueError (naming `name`) if it does not fit."""
   # HF tokenizers of models trained without BOS (e.g. Qwen) say so with add_bos=False.
   bos = [tokenizer.bos_id] if getattr(tokenizer, 'add_bos', True) else []
-  p_ids, c_ids = bos + tokenizer.encode(prompt), tokenizer.encode(completion)
+  try:
+    p_ids, c_ids = bos + tokenizer.encode(prompt), tokenizer.encode(completion)
+  except ValueError as e:   # e.g. a character the CharTokenizer lacks
+    raise ValueError(f'{name}: {e}') from None
   if not p_ids:
     raise ValueError(f'{name}: empty prompt and a tokenizer without BOS: nothing predicts '
                      'the first completion token')
@@ -90,7 +100,7 @@ def make_dataset(task, tokenizer: CharTokenizer, *, split: str, prompt_len: int,
     prompt, completion = task.example(split, index)
     return encode_example(tokenizer, prompt, completion, prompt_len=prompt_len,
                           completion_len=completion_len,
-                          name=f'{task.name} {split} example {index}')
+                          name=example_name(task, split, index))
 
   return ds.map(encode)
 
@@ -128,7 +138,7 @@ def make_eval_iterator(task, tokenizer: CharTokenizer, *, prompt_len: int, compl
     prompt, completion = task.example(split, index)
     return encode_example(tokenizer, prompt, completion, prompt_len=prompt_len,
                           completion_len=completion_len,
-                          name=f'{task.name} {split} example {index}')
+                          name=example_name(task, split, index))
 
   ds = grain.MapDataset.range(num_rows).map(encode)
   return iter(ds.batch(batch_size).to_iter_dataset())

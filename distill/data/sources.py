@@ -182,8 +182,13 @@ class _FileSource:
 
   def example(self, split: str, index: int) -> tuple[str, str]:
     file_index, location = self._refs[self._check_split(split)][index]
-    path = self._paths[file_index]
-    return self.format.example(self._fetch(path, int(location)), f'{path} ({location})')
+    return self.format.example(self._fetch(self._paths[file_index], int(location)),
+                               self.where(index, split))
+
+  def where(self, index: int, split: str = 'train') -> str:
+    """The file and line (JSONL) or row (Parquet) of example `index` of `split`."""
+    file_index, location = self._refs[self._check_split(split)][index]
+    return self._where(self._paths[file_index], int(location))
 
   def _check_split(self, split):
     if split not in self._refs:
@@ -217,6 +222,11 @@ class JsonlSource(_FileSource):
       f.seek(offset)
       return json.loads(f.readline())
 
+  def _where(self, path, offset):
+    with open(path, 'rb') as f:   # only on the way to an error message: the line is counted
+      line = f.read(offset).count(b'\n') + 1
+    return f'{path}:{line}'
+
 
 class ParquetSource(_FileSource):
   """Parquet files read with pyarrow (only the needed columns are kept in memory)."""
@@ -249,6 +259,9 @@ class ParquetSource(_FileSource):
 
   def _fetch(self, path, row):
     return self._table(path).slice(row, 1).to_pylist()[0]
+
+  def _where(self, path, row):
+    return f'{path} row {row}'
 
 
 class TfdsSource:

@@ -222,7 +222,7 @@ def example_rows(run, start: int, stop: int, pad_to: int) -> Rows:
   c = run.config
   lengths = dict(prompt_len=c.task.prompt_len, completion_len=c.task.completion_len)
   rows = [pipeline.encode_example(run.tokenizer, *run.task.example('train', i), **lengths,
-                                  name=f'{run.task.name} train example {i}')
+                                  name=pipeline.example_name(run.task, 'train', i))
           for i in range(start, stop)]
   rows += [pipeline.padding_example(run.tokenizer, **lengths)] * (pad_to - len(rows))
   return {k: np.stack([r[k] for r in rows]) for k in rows[0]}

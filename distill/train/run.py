@@ -65,11 +65,16 @@ def build_run(config, workdir: str) -> Run:
     _, initial_params, model_config = teacher_lib.load_exported(config.model.init_from, mesh)
   else:
     overrides = config_lib.model_overrides(config)
-    model_config = get_preset(config.model.preset,
-                              **{'vocab_size': tokenizer.vocab_size, **overrides})
+    try:
+      model_config = get_preset(config.model.preset,
+                                **{'vocab_size': tokenizer.vocab_size, **overrides})
+    except ValueError as e:   # the message names a ModelConfig field; say which were set
+      set_here = ', '.join(f'config.model.{k}={v!r}' for k, v in overrides.items())
+      raise ValueError(f'{e} (preset {config.model.preset!r}' +
+                       (f' with {set_here})' if set_here else ')')) from None
   if model_config.vocab_size < tokenizer.vocab_size:
-    raise ValueError(f'the model vocabulary ({model_config.vocab_size}) is smaller than the '
-                     f'tokenizer\'s ({tokenizer.vocab_size})')
+    raise ValueError(f'the model vocabulary (config.model.vocab_size={model_config.vocab_size}) '
+                     f'is smaller than the tokenizer\'s ({tokenizer.vocab_size})')
   config_lib.validate(config, model_max_seq_len=model_config.max_seq_len,
                       data_parallel=mesh_lib.data_parallel_size(mesh))
   run = Run(config, workdir, tokenizer, task, mesh, model_config, initial_params=initial_params)
