@@ -14,6 +14,7 @@ The two differ by the long-term term E[Σ_t ∇log q(y_t) Σ_{t'>t} log q/p(y_t'
 Findings pinned here (see each test; relative errors ‖g − g*‖/‖g*‖ on this problem): GKD λ=1 with reverse KL and on-policy reverse KL
 (ReverseKLPerToken, per-token reward) follow the per-token gradient exactly — they are
 unbiased for it and biased for the sequence-level KL, by the whole long-term term (0.198);
+ReverseKLPerToken with reward_to_go=True follows the sequence-level gradient exactly;
 MiniLLM with no teacher mix and no length normalisation follows the sequence-level gradient
 exactly; its defaults are biased for it (teacher mix 0.2: 0.109, length normalisation: 0.064,
 both: 0.128; cosine ≥ 0.99, so still a descent direction).
@@ -145,8 +146,8 @@ def test_student_sample_methods_follow_the_per_token_gradient(problem, exact, na
   """GKD λ=1 (reverse KL on the student's samples, no gradient through the sampling) and
   ReverseKLPerToken (reward −log q/p of each token alone) have the per-token gradient as their
   expectation, not the sequence-level KL's: biased for KL(q‖p) over sequences by the whole
-  long-term term (the future tokens' rewards). Reward-to-go advantages
-  A_t = Σ_{t'≥t} (log p − log q)(y_t') would make on-policy RKL unbiased for it."""
+  long-term term (the future tokens' rewards); on-policy RKL's reward_to_go=True removes it
+  (next test)."""
   graphdef, student, teacher, rows = problem
   if name == 'onpolicy_rkl':
     objective, ctx = make_objective(policy_gradient.ReverseKLPerToken, 'reverse_kl', {}, problem)
@@ -155,6 +156,15 @@ def test_student_sample_methods_follow_the_per_token_gradient(problem, exact, na
   grad = expected_gradient(objective, ctx, graphdef, student, teacher, rows, exact['log_q'])
   assert relative_error(grad, exact['per_token']) < 1e-4
   assert relative_error(grad, exact['sequence']) > 0.1
+
+
+def test_onpolicy_rkl_with_reward_to_go_follows_the_sequence_gradient(problem, exact):
+  """reward_to_go=True: A_t = Σ_{t'≥t} (log p − log q)(y_t'), the unbiased estimate."""
+  graphdef, student, teacher, rows = problem
+  objective, ctx = make_objective(policy_gradient.ReverseKLPerToken, 'reverse_kl',
+                                  {'reward_to_go': True}, problem)
+  grad = expected_gradient(objective, ctx, graphdef, student, teacher, rows, exact['log_q'])
+  assert relative_error(grad, exact['sequence']) < 1e-4
 
 
 def _minillm(problem, exact, teacher_mix, length_norm):

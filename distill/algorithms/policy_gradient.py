@@ -15,6 +15,13 @@ the token. Sampling in the same step from the same parameters makes the ratio 1 
 temperature 1 (its gradient is ∇log q), so the gradient is the REINFORCE estimate of
 ∇KL(q‖p) with the per-token reward; with another sampling temperature, top-k or top-p the
 ratio corrects for the sampling distribution. No full-vocabulary divergence is computed.
+That per-token reward (kwarg reward_to_go=False, the default, as in the on-policy distillation
+post's discount of zero) makes the expected gradient Σ_t E[∇KL(q(·|y<t)‖p(·|y<t))] with no
+gradient through the prefixes' distribution: biased for KL(q‖p) over whole sequences by the
+future tokens' term. reward_to_go=True uses A_t = Σ_{t'≥t} (log p − log q)(y_t') instead, the
+unbiased REINFORCE estimate of the sequence-level ∇KL(q‖p) when sampling at temperature 1
+without top-k/top-p (the per-token ratio does not reweight the future tokens), at the price of
+a noisier estimate; tests/test_estimators.py checks both by exact enumeration.
 Metrics: reverse_kl_estimate (mean of log q − log p over sampled tokens), ratio,
 sample_length.
 """
@@ -131,7 +138,13 @@ class PolicyGradient(hooks.Objective):
 
 
 class ReverseKLPerToken(PolicyGradient):
-  """−Σ ratio·A with A = log p − log q per sampled token (see the module doc)."""
+  """−Σ ratio·A with A = log p − log q per sampled token, or its sum over the tokens from
+  this one on with reward_to_go (see the module doc)."""
+  DEFAULTS = {'reward_to_go': False}
+
+  def check(self) -> None:
+    super().check()
+    self.boolean('reward_to_go')
 
   def loss(self, ctx, params, trainable, scored: Scored, drawn, state):
     del trainable, state
@@ -142,13 +155,16 @@ class ReverseKLPerToken(PolicyGradient):
     mask_BxT, weights_BxT = scored.mask_BxT, scored.weights_BxT
     valid = mask_BxT > 0
     ratio_BxT = jnp.where(valid, jnp.exp(log_q_BxT - scored.log_sample_BxT), 0.0)
-    advantage_BxT = jnp.where(valid, scored.log_p_BxT - log_q_BxT, 0.0)
+    reward_BxT = jnp.where(valid, scored.log_p_BxT - log_q_BxT, 0.0)
+    advantage_BxT = reward_BxT
+    if self.options['reward_to_go']:
+      advantage_BxT = jnp.where(valid, jnp.flip(jnp.cumsum(jnp.flip(reward_BxT, 1), 1), 1), 0.0)
     surrogate = policy_gradient_loss(ctx, student_h, student_w, rows['targets'],
                                      ratio_BxT * advantage_BxT * weights_BxT / scored.norm)
     n = mask_BxT.sum()
     metrics = {
         'loss': (-(ratio_BxT * advantage_BxT * weights_BxT).sum(), scored.normaliser),
-        'reverse_kl_estimate': (-(advantage_BxT * mask_BxT).sum(), n),
+        'reverse_kl_estimate': (-(reward_BxT * mask_BxT).sum(), n),
         'ratio': ((ratio_BxT * mask_BxT).sum(), n),
         'sample_length': scored.sample_length,
         'tokens': (n, jnp.float32(1.0)),
