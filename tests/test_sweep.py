@@ -14,7 +14,7 @@ import time
 import pytest
 
 from distill import report, sweep
-from distill.sweep import axes, tables
+from distill.sweep import tables
 from distill.sweep import plan as plan_lib
 from tests.helpers import REPO, read_metrics, run_cli, small_config
 from tests.test_teacher_cache import export_random_teacher

@@ -7,6 +7,10 @@ training time).
 From Python (or a notebook): runs = load_runs([...]); groups = aggregate(runs);
 plots.metric_vs_params(groups) returns a matplotlib Figure.
 """
+import os
+
+import matplotlib.pyplot as plt
+
 from distill.report import plots
 from distill.report.runs import RunRecord, load_runs
 from distill.report.tables import Group, aggregate, csv_text, markdown
@@ -17,8 +21,6 @@ __all__ = ['Group', 'RunRecord', 'aggregate', 'csv_text', 'load_runs', 'markdown
 
 def write_report(directories: list[str], out: str) -> list[str]:
   """Reads, checks and aggregates every run first, then writes; returns the files written."""
-  import os
-  import matplotlib.pyplot as plt
   groups = aggregate(load_runs(directories))
   figures = {'metric_vs_params.png': plots.metric_vs_params(groups),
              'learning_curves.png': plots.learning_curves(groups),

@@ -15,7 +15,6 @@ import importlib.util
 import os
 import sys
 
-import jax
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -92,9 +91,7 @@ def main(argv):
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
   finally:
-    results = tables.collect(plan.runs)
-    if results and jax.process_index() == 0:
-      tables.write_tables(plan.workdir, results)
+    results = launch.write_tables(plan)
   print(tables.markdown_table(results), end='')
 
 

@@ -18,8 +18,10 @@ import contextlib
 import os
 from typing import Callable
 
+import jax
+
 from distill.sweep import plan as plan_lib
-from distill.sweep import write_cache
+from distill.sweep import tables, write_cache
 
 LAUNCHERS = ('local', 'submitit')
 
@@ -55,6 +57,7 @@ def _wandb_tags(tags):
 
 
 def run_local(plan: plan_lib.Plan, train: Callable[[object, str], dict]) -> None:
+  """Trains the runs in turn; after each, WORKDIR/results.* hold the table so far."""
   todo, writers = pending(plan)
   for writer in writers:
     print(f'sweep: shared cache {writer.cache}', flush=True)
@@ -63,6 +66,15 @@ def run_local(plan: plan_lib.Plan, train: Callable[[object, str], dict]) -> None
     print(f'sweep: run {i + 1}/{len(todo)}: {run.name}', flush=True)
     with _wandb_tags(run.tags):
       train(run.config, run.workdir)
+    write_tables(plan)
+
+
+def write_tables(plan: plan_lib.Plan) -> list[dict]:
+  """WORKDIR/results.json and results.md of the finished runs (process 0 writes)."""
+  results = tables.collect(plan.runs)
+  if results and jax.process_index() == 0:
+    tables.write_tables(plan.workdir, results)
+  return results
 
 
 def run_submitit(plan: plan_lib.Plan, cluster: str | None, parameters: dict) -> None:
