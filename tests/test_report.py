@@ -33,11 +33,12 @@ def final_metrics(method: str, preset: str, seed: int) -> dict:
 
 
 def write_run(path, *, method='supervised', preset='tiny', seed=0, task='arithmetic',
-              total_steps=4):
+              total_steps=4, teacher=''):
   """A finished run as distill.main leaves it: config.json, final_metrics.json, metrics.jsonl."""
   config = small_config('arithmetic_gkd' if method == 'gkd' else 'arithmetic_student')
   config.model.preset, config.seed, config.task.name = preset, seed, task
   config.loss.divergence, config.total_steps = METHODS[method], total_steps
+  config.teacher.checkpoint = teacher
   config.task.prompt_len, config.task.completion_len = SEQ_LEN
   os.makedirs(path)
   with open(os.path.join(path, 'config.json'), 'w') as f:
@@ -100,6 +101,21 @@ def test_report_numbers_equal_the_runs_files(tmp_path):
   table = open(tmp_path / 'out' / 'report.md').read()
   first = final_metrics('supervised', 'tiny', 0)['accuracy']
   assert f'| {LABELS["supervised"]} | tiny | 9,232 | 3 | {100 * (first + 0.01):.1f} ± ' in table
+
+
+def test_a_method_is_named_by_the_fields_its_runs_differ_in(tmp_path):
+  write_run(str(tmp_path / 'a'), teacher='/runs/teacher-1m', seed=0)
+  write_run(str(tmp_path / 'b'), teacher='/runs/teacher-1m', seed=1)
+  write_run(str(tmp_path / 'c'), teacher='/runs/teacher-4m/', seed=0)
+  write_run(str(tmp_path / 'd'), teacher='/runs/teacher-4m/', seed=0, preset='student-100k')
+  runs = {os.path.basename(r.path): r for r in report.load_runs([str(tmp_path)])}
+  assert {k: r.method for k, r in runs.items()} == {
+      'a': 'checkpoint=teacher-1m', 'b': 'checkpoint=teacher-1m', 'c': 'checkpoint=teacher-4m',
+      'd': 'checkpoint=teacher-4m'}   # seeds and sizes are the other axes
+  groups = report.aggregate(list(runs.values()))
+  assert [(g.method, g.params, g.seeds) for g in groups] == [
+      ('checkpoint=teacher-1m', 9232, [0, 1]), ('checkpoint=teacher-4m', 9232, [0]),
+      ('checkpoint=teacher-4m', 112704, [0])]
 
 
 def test_no_finished_runs_is_refused_before_writing(tmp_path):

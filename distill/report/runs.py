@@ -132,6 +132,13 @@ def _short(key: str, keys: list[str]) -> str:
   return key if clashes else short
 
 
+def _shown(value) -> str:
+  """A value as a label shows it: paths (a teacher's directory) by their last component."""
+  if isinstance(value, str) and '/' in value:
+    return os.path.basename(value.rstrip('/'))
+  return str(value)
+
+
 def label_methods(runs: list[RunRecord]) -> None:
   """Sets each run's method: its values of the fields that vary, except size and seed.
 
@@ -148,7 +155,7 @@ def label_methods(runs: list[RunRecord]) -> None:
   keys.sort(key=lambda k: k != 'algorithm.name')
   warm = len({bool(r.config.get('model.init_from')) for r in runs}) > 1
   for r in runs:
-    parts = [f'{_short(k, keys)}={r.config[k]}' for k in keys if k in r.config]
+    parts = [f'{_short(k, keys)}={_shown(r.config[k])}' for k in keys if k in r.config]
     if warm and r.config.get('model.init_from'):
       parts.append('warm start')
     r.method = ', '.join(parts) or 'all runs'
