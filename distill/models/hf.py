@@ -240,8 +240,9 @@ def load_dtype_name(dtype) -> str:
   return name
 
 
-def load_hf_params(folder: str, mesh=None, dtype='float32'):
-  """(graphdef, params, model_config) of a HF checkpoint, each param in its `mesh` sharding.
+def load_hf_params(folder: str, mesh=None, dtype='float32', axis_rules=mesh_lib.DEFAULT_RULES):
+  """(graphdef, params, model_config) of a HF checkpoint, each param in its `mesh` sharding
+  (by the logical-axis rules `axis_rules`).
 
   mesh=None shards over all devices (fsdp). dtype: a name in LOAD_DTYPES or the JAX / NumPy
   dtype. Raises before reading data if config, tensor names or shapes disagree.
@@ -252,7 +253,7 @@ def load_hf_params(folder: str, mesh=None, dtype='float32'):
   files = _weight_files(folder)
   rules = weight_rules(cfg, hf_config_lib.architecture(hf))
   graphdef, abstract = sharded.abstract_model(cfg)
-  shardings = sharded.param_shardings(abstract, mesh)
+  shardings = sharded.param_shardings(abstract, mesh, axis_rules)
   with contextlib.ExitStack() as stack:
     handles = {path: stack.enter_context(_open(path)) for path in sorted(set(files.values()))}
     _check_tensors(expected_tensors(cfg, rules), handles, files, cfg)

@@ -6,6 +6,8 @@ each parameter's NamedSharding from the logical axis names the model attached.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec as P
@@ -34,8 +36,19 @@ def random_params(model_config: ModelConfig, rng):
   return nnx.split(Transformer(model_config, rngs=nnx.Rngs(params=rng)))[1]
 
 
-def init_params(model_config: ModelConfig, rng, mesh: Mesh):
+def init_params(model_config: ModelConfig, rng, mesh: Mesh, rules=mesh_lib.DEFAULT_RULES):
   """Creates params directly in their shardings (never whole on one device)."""
   _, abstract = abstract_model(model_config)
-  shardings = param_shardings(abstract, mesh)
+  shardings = param_shardings(abstract, mesh, rules)
   return jax.jit(random_params, static_argnums=0, out_shardings=shardings)(model_config, rng)
+
+
+def in_dtype(model_config: ModelConfig, params, dtype: str):
+  """(graphdef, params, config) of the model with params and compute in `dtype` (e.g. a
+  bf16 teacher beside an fp32 student); each param keeps its sharding."""
+  config = dataclasses.replace(model_config, dtype=dtype, param_dtype=dtype)
+  graphdef, _ = abstract_model(config)
+  shardings = jax.tree.map(lambda x: x.sharding, params)
+  cast = jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype), p), out_shardings=shardings,
+                 donate_argnums=0)
+  return graphdef, cast(params), config

@@ -5,7 +5,7 @@ rules below (overridable from the config) decide which mesh axis shards each of 
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -29,6 +29,44 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
+LOGICAL_AXES = tuple(name for name, _ in DEFAULT_RULES)
+
+
+def _axes(value, where: str) -> tuple[str, ...]:
+  """'data,fsdp' (or a sequence of names) → mesh axes; '' = not sharded."""
+  axes = tuple(a.strip() for a in value.split(',') if a.strip()) if isinstance(value, str) \
+      else tuple(value)
+  unknown = [a for a in axes if a not in MESH_AXES]
+  if unknown or len(set(axes)) != len(axes):
+    raise ValueError(f'{where}={value!r}: mesh axes must be distinct names of {MESH_AXES} '
+                     f'(comma-separated; \'\' = not sharded)')
+  return axes
+
+
+def rules_with(overrides: Mapping[str, Any] | None, base=DEFAULT_RULES, *,
+               where: str = 'config.mesh.rules') -> tuple[tuple[str, Any], ...]:
+  """`base` with the logical axes named in `overrides` re-mapped; None keeps base's mapping."""
+  table = dict(base)
+  for logical, value in dict(overrides or {}).items():
+    if logical not in table:
+      raise ValueError(f'{where}.{logical}: unknown logical axis; valid: {", ".join(table)}')
+    if value is not None:
+      table[logical] = _axes(value, f'{where}.{logical}') or None
+  return tuple(table.items())
+
+
+def student_rules(config):
+  """The student's rules: DEFAULT_RULES with config.mesh.rules applied."""
+  return rules_with(config.mesh.get('rules'))
+
+
+def teacher_rules(config):
+  """The teacher's rules: the student's with config.teacher.sharding applied, so a large
+  teacher can be sharded (e.g. over fsdp and tensor) while the student is data-parallel."""
+  return rules_with(config.teacher.get('sharding'), student_rules(config),
+                    where='config.teacher.sharding')
+
+
 def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
   """Resolves the configured axis sizes; one axis may be -1 ('all remaining devices').
 
@@ -36,7 +74,8 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
   devices, e.g. data=1 for a single-device run on a multi-device host.
   """
   sizes = [int(mesh_config.get(axis, 1)) for axis in MESH_AXES]
-  unknown = set(mesh_config.keys()) - set(MESH_AXES)
+  # Keys of config.mesh that are not axis sizes.
+  unknown = set(mesh_config.keys()) - set(MESH_AXES) - {'rules', 'device_memory_gb'}
   if unknown:
     raise ValueError(f'mesh: unknown axes {sorted(unknown)}; valid axes are {MESH_AXES}')
   if sizes.count(-1) > 1:
@@ -59,6 +98,11 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A mesh over all devices; fully explicit sizes may use only the first N of them."""
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(mesh_config, len(devices))
+  if jax.process_count() > 1 and int(np.prod(shape)) != len(devices):
+    # A prefix of the devices would leave some processes without any.
+    raise ValueError(f'mesh: axes {dict(zip(MESH_AXES, shape))} use {int(np.prod(shape))} of '
+                     f'the {len(devices)} devices of {jax.process_count()} processes; '
+                     'on several processes the mesh must span all of them')
   used = devices[:int(np.prod(shape))]
   return Mesh(np.asarray(used).reshape(shape), MESH_AXES)
 

@@ -14,6 +14,8 @@ from ml_collections import config_dict
 from distill import losses
 from distill.models import ModelConfig
 from distill.train import nonfinite
+from distill.models.config import DTYPES
+from distill.parallel.mesh import LOGICAL_AXES
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -45,6 +47,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.batch_size = 32
   c.data.eval_batch_size = 64
+  # Micro-batches per step, inside the jitted step: the same update as the whole batch at
+  # once, with the activations of batch_size / grad_accum_steps rows.
+  c.data.grad_accum_steps = 1
 
   # The tokenizer: '' for the embedded tasks' character tokenizer, or a Hugging Face
   # folder holding tokenizer.json (and tokenizer_config.json for special tokens).
@@ -64,6 +69,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher = ml_collections.ConfigDict()
   c.teacher.checkpoint = ''     # a finished run's workdir, or a Hugging Face checkpoint folder
   c.teacher.preset = ''         # must match the checkpoint's preset when given
+  # The teacher's own rules over config.mesh.rules (None: as the student's), e.g.
+  # --config.teacher.sharding.embed=fsdp,tensor for a teacher larger than its student.
+  c.teacher.sharding = _logical_axis_placeholders()
+  c.teacher.dtype = ''          # '' keeps the checkpoint's; 'bfloat16': bf16 params and compute
   # A teacher on a server speaking vLLM's completions protocol ('http://host:port':
   # python -m distill.serve, or vllm serve): cached_teacher, topk_online and seqkd take its
   # top-k / generations (distill.algorithms.served). With teacher.checkpoint as well, the
@@ -106,6 +115,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
+  # Logical axis -> mesh axes of the student's params (and optimiser state), e.g.
+  # --config.mesh.rules.embed='' (replicated: data-parallel student) or 'fsdp,tensor'.
+  # None keeps distill.parallel.mesh.DEFAULT_RULES.
+  c.mesh.rules = _logical_axis_placeholders()
+  # Memory one device has for the run (GB); 0: what the device reports (GPU/TPU; CPU has no
+  # figure and is not checked). The compiled step must fit before the first step runs.
+  c.mesh.device_memory_gb = 0.0
 
   c.eval = ml_collections.ConfigDict()
   c.eval.generate = True        # greedy decoding for task accuracy
@@ -125,6 +141,10 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def _logical_axis_placeholders() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({name: config_dict.placeholder(str) for name in LOGICAL_AXES})
+
+
 def validate(config, *, model_max_seq_len: int | None = None, data_parallel: int | None = None):
   """Checks values that would otherwise fail late (inside compilation) or silently."""
   def positive(name, value):
@@ -140,6 +160,10 @@ def validate(config, *, model_max_seq_len: int | None = None, data_parallel: int
     raise ValueError(f"config.keep_best.mode must be 'min' or 'max', got {config.keep_best.mode!r}")
   positive('data.batch_size', config.data.batch_size)
   positive('data.eval_batch_size', config.data.eval_batch_size)
+  positive('data.grad_accum_steps', config.data.grad_accum_steps)
+  if config.teacher.dtype not in ('',) + tuple(DTYPES):
+    raise ValueError(f'config.teacher.dtype must be one of {DTYPES} (or \'\' for the '
+                     f'checkpoint\'s), got {config.teacher.dtype!r}')
   positive('optimizer.learning_rate', config.optimizer.learning_rate)
   for name in ('prompt_len', 'completion_len'):
     if config.task[name] < 0:
@@ -174,6 +198,11 @@ def validate(config, *, model_max_seq_len: int | None = None, data_parallel: int
       if config.data[name] % data_parallel:
         raise ValueError(f'config.data.{name}={config.data[name]} is not divisible by the '
                          f'data-parallel size {data_parallel} (mesh data x fsdp)')
+    if config.data.batch_size % (data_parallel * config.data.grad_accum_steps):
+      raise ValueError(f'config.data.batch_size={config.data.batch_size} is not divisible by '
+                       f'the data-parallel size {data_parallel} x data.grad_accum_steps='
+                       f'{config.data.grad_accum_steps}: each micro-batch must split evenly '
+                       'over the devices')
 
 
 def parse_options(arg: str | None, allowed: dict[str, str]) -> set[str]:

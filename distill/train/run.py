@@ -16,7 +16,8 @@ from distill import teacher_client
 from distill.data import pipeline, tasks, teacher_cache
 from distill.data.hf_tokenizer import HFTokenizer
 from distill.data.tokenizer import CharTokenizer
-from distill.models import ModelConfig, get_preset
+from distill.models import ModelConfig, get_preset, sharded
+from distill.parallel import host_data
 from distill.parallel import mesh as mesh_lib
 from distill.train import config as config_lib
 from distill.train import teacher as teacher_lib
@@ -36,6 +37,7 @@ class Run:
   teacher_config: ModelConfig | None = None
   teacher_server: Any = None    # distill.teacher_client.TeacherClient (config.teacher.server)
   initial_params: Any = None    # the student's starting point (model.init_from)
+  rules: tuple = mesh_lib.DEFAULT_RULES   # the student's logical-axis rules (config.mesh.rules)
 
   @property
   def seq_len(self) -> int:
@@ -60,6 +62,7 @@ def build_run(config, workdir: str) -> Run:
     for name, length in zip(('prompt_len', 'completion_len'), needed):
       config.task[name] = config.task[name] or length
   mesh = mesh_lib.make_mesh(config.mesh)
+  rules, teacher_rules = mesh_lib.student_rules(config), mesh_lib.teacher_rules(config)
   initial_params = None
   if config.model.init_from:
     _, initial_params, model_config = teacher_lib.load_exported(config.model.init_from, mesh)
@@ -77,9 +80,14 @@ def build_run(config, workdir: str) -> Run:
                      f'is smaller than the tokenizer\'s ({tokenizer.vocab_size})')
   config_lib.validate(config, model_max_seq_len=model_config.max_seq_len,
                       data_parallel=mesh_lib.data_parallel_size(mesh))
-  run = Run(config, workdir, tokenizer, task, mesh, model_config, initial_params=initial_params)
+  run = Run(config, workdir, tokenizer, task, mesh, model_config, initial_params=initial_params,
+            rules=rules)
   if config.role == 'student' and config.teacher.checkpoint:
-    graphdef, params, teacher_config = teacher_lib.load_exported(config.teacher.checkpoint, mesh)
+    graphdef, params, teacher_config = teacher_lib.load_exported(config.teacher.checkpoint, mesh,
+                                                                 teacher_rules)
+    dtype = config.teacher.dtype
+    if dtype and (teacher_config.dtype, teacher_config.param_dtype) != (dtype, dtype):
+      graphdef, params, teacher_config = sharded.in_dtype(teacher_config, params, dtype)
     if teacher_config.max_seq_len < run.seq_len:
       raise ValueError(f'sequence length {run.seq_len} exceeds the teacher\'s max_seq_len '
                        f'{teacher_config.max_seq_len}')
@@ -99,11 +107,14 @@ def build_run(config, workdir: str) -> Run:
 
 
 def train_iterator(run: Run):
+  """This process's rows of each global batch (distill.parallel.host_data)."""
   c = run.config
-  return pipeline.make_iterator(
-      run.task, run.tokenizer, split='train', batch_size=c.data.batch_size // jax.process_count(),
-      prompt_len=c.task.prompt_len, completion_len=c.task.completion_len, seed=c.seed,
-      shuffle=True, shard_index=jax.process_index(), shard_count=jax.process_count())
+  rows = pipeline.make_dataset(run.task, run.tokenizer, split='train', seed=c.seed,
+                               prompt_len=c.task.prompt_len,
+                               completion_len=c.task.completion_len, shuffle=True)
+  local = host_data.host_rows(rows, c.data.batch_size)
+  return iter(local.batch(c.data.batch_size // jax.process_count(), drop_remainder=True)
+              .to_iter_dataset())
 
 
 def to_global(batch: dict, sharding) -> dict:

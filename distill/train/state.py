@@ -44,13 +44,14 @@ def state_shardings(abstract_state, params_sharding, mesh: Mesh):
 
 def create_train_state(model_config: ModelConfig, optimizer: optax.GradientTransformation,
                        rng, mesh: Mesh, algo_state_fn: Callable[[], Any] = dict,
-                       initial_params=None):
+                       initial_params=None, rules=mesh_lib.DEFAULT_RULES):
   """Returns (state, shardings, graphdef); the state lives in its shardings.
 
   initial_params: start from these (already sharded) params instead of a random init.
+  rules: the logical-axis rules of the student's params (and so of its optimiser moments).
   """
   graphdef, abstract_params = abstract_model(model_config)
-  params_sharding = param_shardings(abstract_params, mesh)
+  params_sharding = param_shardings(abstract_params, mesh, rules)
   init_rng, train_rng = jax.random.split(rng)
 
   def init(init_rng, train_rng, params):

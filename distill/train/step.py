@@ -22,6 +22,7 @@ import optax
 
 from distill.algorithms import divergence, hooks
 from distill.parallel import mesh as mesh_lib
+from distill.train import accumulate
 from distill.train import nonfinite
 
 
@@ -46,8 +47,12 @@ def apply_update(optimizer, grads, opt_state, params):
   return optax.apply_updates(params, updates), opt_state
 
 
-def build_step(ctx: hooks.StepContext, method, *, skip_nonfinite: bool = False) -> Callable:
+def build_step(ctx: hooks.StepContext, method, *, skip_nonfinite: bool = False,
+               grad_accum_steps: int = 1) -> Callable:
   """The pure step(state, teacher_params, batch) -> (state, metrics) of `method`.
+
+  grad_accum_steps (config.data.grad_accum_steps): the gradient of the whole batch summed
+  over that many micro-batches (distill.train.accumulate).
 
   skip_nonfinite (config.nonfinite='skip'): a step with a non-finite metric keeps the old
   state (distill.train.nonfinite).
@@ -62,16 +67,20 @@ def build_step(ctx: hooks.StepContext, method, *, skip_nonfinite: bool = False) 
     inputs = hooks.StepInputs(params=state['params'], teacher_params=teacher_params,
                               state=algo['rows'], rng=step_rng(state), step=state['step'])
     drawn = rows_hook.draw(ctx, inputs, batch)
-    prepared = objective.prepare(ctx, teacher_params, drawn, algo['objective'])
     trainable = {'params': state['params']}
     if 'trainable' in algo:
       trainable['extra'] = algo['trainable']['params']
 
-    def loss_fn(trainable):
+    def loss_fn(trainable, prepared, drawn):
       return objective.loss(ctx, trainable['params'], trainable.get('extra'), prepared, drawn,
                             algo['objective'])
 
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(trainable)
+    def grads_of(drawn):   # of all the rows, or of one micro-batch (distill.train.accumulate)
+      prepared = objective.prepare(ctx, teacher_params, drawn, algo['objective'])
+      return jax.grad(loss_fn, has_aux=True)(trainable, prepared, drawn)
+
+    grads, metrics = accumulate.over_micro_batches(grads_of, drawn, grad_accum_steps,
+                                                   ctx.reduction)
     new_algo = dict(algo, rows=drawn.state,
                     objective=objective.update_state(algo['objective'], metrics, state['step']))
     if 'trainable' in algo:
@@ -96,6 +105,7 @@ def make_step(config, run, method, graphdef, shardings, optimizer):
   """build_step jitted with the state's shardings, the state donated (updated in place)."""
   ctx = make_context(config, run, graphdef, optimizer)
   teacher_shardings = jax.tree.map(lambda x: x.sharding, run.teacher_params)
-  return jax.jit(build_step(ctx, method, skip_nonfinite=config.nonfinite == 'skip'),
+  return jax.jit(build_step(ctx, method, skip_nonfinite=config.nonfinite == 'skip',
+                            grad_accum_steps=config.data.grad_accum_steps),
                  in_shardings=(shardings, teacher_shardings, mesh_lib.batch_sharding(run.mesh)),
                  out_shardings=(shardings, None), donate_argnums=(0,))

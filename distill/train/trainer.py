@@ -17,6 +17,7 @@ from distill import algorithms
 from distill.eval import evaluate as eval_lib
 from distill.models import count_params
 from distill.parallel import mesh as mesh_lib
+from distill.parallel import memory as memory_lib
 from distill.train import checkpoint as ckpt_lib
 from distill.train import lock as lock_lib
 from distill.train import nonfinite as nonfinite_lib
@@ -49,7 +50,8 @@ def _train(config, workdir: str) -> dict:
   optimizer = opt_lib.make_optimizer(config)
   state, shardings, graphdef = state_lib.create_train_state(
       run.model_config, optimizer, jax.random.PRNGKey(config.seed), run.mesh,
-      algo_state_fn=lambda: method.init_state(optimizer), initial_params=run.initial_params)
+      algo_state_fn=lambda: method.init_state(optimizer), initial_params=run.initial_params,
+      rules=run.rules)
   run.initial_params = None   # the state owns them now
   _write_run_files(run, state['params'])
 
@@ -66,7 +68,10 @@ def _train(config, workdir: str) -> dict:
   writer = log_lib.MetricsWriter(workdir, config, resume_step=start_step)
 
   batch_sharding = mesh_lib.batch_sharding(run.mesh)
-  step_fn = step_lib.make_step(config, run, method, graphdef, shardings, optimizer)
+  # Compiled on the first batch, its memory per device printed and checked before it runs.
+  step_fn = memory_lib.checked_step(
+      step_lib.make_step(config, run, method, graphdef, shardings, optimizer),
+      config.mesh.device_memory_gb)
 
   progress = _progress(config, start_step)
   pending: list[dict] = []
