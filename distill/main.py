@@ -3,7 +3,9 @@
 Any config field can be overridden with `--config.a.b=value`; `--import=FILE.py` (repeatable)
 loads a researcher's own divergences and methods first (distill.plugins). Starting the same
 command again resumes from the workdir's last checkpoint. On several hosts, start the same
-command on each with --coordinator_address, --num_processes and --process_id.
+command on each with --coordinator_address, --num_processes and --process_id; in a SLURM step
+of several tasks or on a multi-host TPU VM slice they come from the environment
+(distill.parallel.distributed; BUILD.md has the launch commands).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from distill import plugins
+from distill.parallel import distributed
 from distill.train import checkpoint as ckpt_lib
 from distill.train import lock as lock_lib
 from distill.train import logging as log_lib
@@ -24,6 +27,11 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes (hosts).')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process (0 .. num_processes-1).')
+_DISTRIBUTED = flags.DEFINE_bool(
+    'distributed', False, 'Join a multi-process job whose cluster jax detects by itself (e.g. a '
+    'TPU VM slice whose environment names no workers).')
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_float(
+    'distributed_timeout_s', 300, 'Seconds to wait for the coordinator and the other processes.')
 _IMPORT = flags.DEFINE_multi_string(
     'import', [], 'A module name or .py file to import first (it may register divergences '
     'and methods); repeatable.')
@@ -31,7 +39,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 USER_ERRORS = (AttributeError, KeyError, ValueError, FileNotFoundError, ImportError,
                lock_lib.WorkdirLockedError, log_lib.NonFiniteLossError,
-               ckpt_lib.DiskSpaceError)
+               ckpt_lib.DiskSpaceError, distributed.CoordinatorTimeout)
 
 
 def main(argv):
@@ -46,11 +54,8 @@ def start_processes():
   jax.distributed job."""
   log_lib.quiet_libraries()
   plugins.import_all(_IMPORT.value)
-  if _COORDINATOR.value:
-    import jax
-    # CPU devices need a collectives library across processes (no effect on accelerators).
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                         auto=_DISTRIBUTED.value, timeout_s=_DISTRIBUTED_TIMEOUT.value)
 
 
 def run(main_fn=main):
