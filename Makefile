@@ -9,7 +9,7 @@ TEST_WORKERS ?= 2
 # Flags for the benchmark, e.g. make bench BENCH_ARGS="--dtype=bfloat16 --out=results.jsonl"
 BENCH_ARGS ?=
 
-.PHONY: quickstart test bench clean-venv
+.PHONY: quickstart test bench bench-device clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m distill.bench $(BENCH_ARGS)
+
+# The one-shot accelerator check (experiments/bench/README.md, "bench-device"): the benchmark in
+# bf16 and a Qwen3-1.7B-like -> 0.6B-like pair at 2k tokens; JSON lines, then a table.
+bench-device: $(STAMP)
+	$(PY) -m distill.bench.device --out=experiments/bench/results-device.jsonl $(BENCH_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

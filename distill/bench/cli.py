@@ -69,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   return args
 
 
-def _timed_fields(result: dict, probe: timing.MatmulProbe, peak_flops: float | None) -> dict:
+def timed_fields(result: dict, probe: timing.MatmulProbe, peak_flops: float | None) -> dict:
   t = result['timing']
   achieved = result['flop'] / t.median_s
   # Each step against the matmul timed around it, so that load drift cancels out.
@@ -116,7 +116,7 @@ def run(args) -> list[dict]:
       setup = setup or cases.make_setup(shapes, args.chunk_size, args.seed)
       probe = probe or timing.MatmulProbe(shapes.matmul_n)
       result = getattr(cases, case)(setup, args.steps, args.warmup, probe)
-      row = {'loss': result.get('loss'), **_timed_fields(result, probe, peak)}
+      row = {'loss': result.get('loss'), **timed_fields(result, probe, peak)}
     row = {'case': case, **row, **common}
     if case == 'onpolicy_step':
       off = next((r for r in rows if r['case'] == 'offpolicy_step'), None)
@@ -124,11 +124,11 @@ def run(args) -> list[dict]:
       row['ratio_to_offpolicy'] = off and row['step_in_matmuls'] / off['step_in_matmuls']
       row['ratio_to_offpolicy_s'] = off and row['step_s_median'] / off['step_s_median']
     rows.append(row)
-    _emit(row, args.out)
+    emit(row, args.out)
   return rows
 
 
-def _emit(row: dict, out: str) -> None:
+def emit(row: dict, out: str) -> None:
   line = json.dumps(row)
   print(line, flush=True)
   if out:
