@@ -11,13 +11,14 @@ It is compared with the exact gradients of
                               distribution held fixed (no gradient through the sampling).
 The two differ by the long-term term E[Σ_t ∇log q(y_t) Σ_{t'>t} log q/p(y_t')].
 
-Findings pinned here (see each test; relative errors ‖g − g*‖/‖g*‖ on this problem): GKD λ=1 with reverse KL and on-policy reverse KL
-(ReverseKLPerToken, per-token reward) follow the per-token gradient exactly — they are
-unbiased for it and biased for the sequence-level KL, by the whole long-term term (0.198);
-ReverseKLPerToken with reward_to_go=True follows the sequence-level gradient exactly;
-MiniLLM with no teacher mix and no length normalisation follows the sequence-level gradient
-exactly; its defaults are biased for it (teacher mix 0.2: 0.109, length normalisation: 0.064,
-both: 0.128; cosine ≥ 0.99, so still a descent direction).
+Findings pinned here (see each test; relative errors ‖g − g*‖/‖g*‖ on this problem):
+- GKD λ=1 with reverse KL and on-policy reverse KL (ReverseKLPerToken, per-token reward)
+  follow the per-token gradient exactly: unbiased for it, biased for the sequence-level KL
+  by the whole long-term term (0.198);
+- ReverseKLPerToken with reward_to_go=True follows the sequence-level gradient exactly;
+- MiniLLM with no teacher mix and no length normalisation follows the sequence-level gradient
+  exactly; its defaults are biased for it (teacher mix 0.2: 0.109, length normalisation:
+  0.064, both: 0.128; cosine ≥ 0.99, so still a descent direction).
 """
 import types
 
@@ -124,9 +125,9 @@ def make_objective(cls, divergence_name, options, problem):
 @pytest.fixture(scope='module')
 def exact(problem):
   graphdef, student, teacher, rows = problem
-  sequence = _flat(jax.jit(jax.grad(sequence_kl), static_argnums=1)(student, graphdef, teacher, rows))
-  per_token = _flat(jax.jit(jax.grad(per_token_kl), static_argnums=1)(student, graphdef, teacher,
-                                                                      rows))
+  exact_grad = lambda f: _flat(jax.jit(jax.grad(f), static_argnums=1)(student, graphdef, teacher,
+                                                                       rows))
+  sequence, per_token = exact_grad(sequence_kl), exact_grad(per_token_kl)
   log_q = token_logprobs(graphdef, student, rows)
   return {'sequence': sequence, 'per_token': per_token, 'log_q': log_q,
           'log_p': token_logprobs(graphdef, teacher, rows)}
@@ -194,5 +195,6 @@ def test_minillm_defaults_are_biased_for_the_sequence_gradient(problem, exact, t
   points downhill (positive cosine). The paper makes the same approximations."""
   grad = _minillm(problem, exact, teacher_mix, length_norm)
   error = relative_error(grad, exact['sequence'])
-  cosine = float(grad @ exact['sequence'] / jnp.linalg.norm(grad) / jnp.linalg.norm(exact['sequence']))
+  exact_grad = exact['sequence']
+  cosine = float(grad @ exact_grad / jnp.linalg.norm(grad) / jnp.linalg.norm(exact_grad))
   assert error > 1e-3 and cosine > 0.5, (error, cosine)

@@ -142,4 +142,5 @@ def test_runs_of_different_tasks_are_refused_and_the_old_report_kept(tmp_path):
   assert proc.returncode == 2
   assert 'the runs are not comparable: task.name differs ("arithmetic" in 1 run(s)' in proc.stderr
   assert '"hmm" in 1 run(s)' in proc.stderr
-  assert os.listdir(out) == ['report.md'] and (out / 'report.md').read_text() == 'the committed report'
+  assert os.listdir(out) == ['report.md']
+  assert (out / 'report.md').read_text() == 'the committed report'

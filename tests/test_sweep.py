@@ -59,7 +59,8 @@ def test_products_and_zips_expand_to_typed_runs(tmp_path):
     (lambda: [sweep.zip_axes(sweep.parse_axis('seed=1,2'), sweep.parse_axis('model.d_model=8'))],
      'same number of points'),
     (lambda: [sweep.parse_axis('total_step=1,2')], 'did you mean total_steps'),
-    (lambda: [sweep.parse_axis('model.d_modl=8')], "model has no field 'd_modl' (did you mean d_model"),
+    (lambda: [sweep.parse_axis('model.d_modl=8')],
+     "model has no field 'd_modl' (did you mean d_model"),
     (lambda: [sweep.parse_axis('algorithm.kwargs.kk=1')], 'did you mean k'),
     (lambda: [sweep.parse_axis('total_steps=1.5')], 'sweep value for total_steps'),
     (lambda: [sweep.parse_axis('eval.generate=maybe')], 'expected true or false'),
@@ -105,15 +106,17 @@ def test_a_directory_holding_another_config_is_refused_and_kept(tmp_path):
     ('arithmetic_seqkd', 'loss.ce_weight=1,2', ['seqkd_cache'] * 2),
     ('arithmetic_cached', 'algorithm.kwargs.k=4,8',               # the cache depends on k
      ['cached_teacher_cache,algorithm.kwargs.k=4', 'cached_teacher_cache,algorithm.kwargs.k=8']),
-    ('arithmetic_cached', 'seed=0,1', ['cached_teacher_cache,seed=0', 'cached_teacher_cache,seed=1']),
+    ('arithmetic_cached', 'seed=0,1',
+     ['cached_teacher_cache,seed=0', 'cached_teacher_cache,seed=1']),
     ('arithmetic_student', 'model.d_model=16,32', ['', '']),     # supervised writes no cache
 ])
 def test_caches_are_shared_only_by_runs_that_can_use_them(tmp_path, config_name, axis, caches):
   plan = sweep.make_plan(small_config(config_name), INVOCATION, str(tmp_path),
                          sweep.parse_axis(axis))
   assert [os.path.basename(r.cache) for r in plan.runs] == caches
-  assert [r.config.algorithm.kwargs.get('cache_dir', '') for r in plan.runs] == [r.cache for r in plan.runs]
-  assert [w.cache for w in plan.cache_writers] == list(dict.fromkeys(r.cache for r in plan.runs if r.cache))
+  cache_dirs = [r.config.algorithm.kwargs.get('cache_dir', '') for r in plan.runs]
+  assert cache_dirs == [r.cache for r in plan.runs]
+  assert [w.cache for w in plan.cache_writers] == list(dict.fromkeys(filter(None, cache_dirs)))
   for run in plan.runs:
     if run.cache:
       assert f'--config.algorithm.kwargs.cache_dir={run.cache}' in run.command
