@@ -48,12 +48,16 @@ def step_report(compiled, state, teacher_params) -> dict:
   }
 
 
+def _size(n: int) -> str:
+  return f'{n / GIB:.2f} GiB' if n >= GIB else f'{n / 2**20:.1f} MiB'
+
+
 def describe(report: dict, limit: int | None) -> str:
-  parts = ', '.join(f'{name} {report[name] / GIB:.3f}' for name in
+  parts = ', '.join(f'{name} {_size(report[name])}' for name in
                     ('params', 'optimizer', 'teacher', 'temporaries'))
-  of = 'unknown (CPU)' if limit is None else f'{limit / GIB:.2f} GiB'
-  return (f'memory per device: {report["total"] / GIB:.3f} GiB for the step ({parts} '
-          f'GiB; temporaries = activations, gradients, loss chunks) of {of}')
+  of = 'unknown (CPU)' if limit is None else _size(limit)
+  return (f'memory per device: {_size(report["total"])} for the step ({parts}; temporaries = '
+          f'activations, gradients, loss chunks) of {of}')
 
 
 def check(report: dict, limit: int | None) -> None:
