@@ -14,9 +14,10 @@ import pytest
 from distill.parallel import memory
 from distill.parallel import mesh as mesh_lib
 from distill.train import run as run_lib
+from distill.train import teacher as teacher_lib
 from distill.train import trainer
 from tests.helpers import REPO, read_metrics, run_cli, small_config
-from tests.sharding_runs import LAYOUTS, TEACHER, losses_of, make_config, placed
+from tests.sharding_runs import LAYOUTS, TEACHER, host_params, losses_of, make_config, placed
 
 
 @pytest.mark.parametrize('algorithm', ['supervised', 'gkd'])
@@ -115,3 +116,22 @@ def test_memory_per_device_is_printed_and_checked_before_the_first_step(tmp_path
   assert 'memory per device:' in printed and 'optimizer' in printed, printed
   logged = tmp_path / 'metrics.jsonl'     # no step ran
   assert not logged.exists() or not any('loss' in r for r in read_metrics(tmp_path))
+
+
+def test_build_run_loads_the_teacher_in_its_own_layout_and_dtype(tmp_path):
+  """A teacher on disk comes back sharded by config.teacher.sharding, in teacher.dtype."""
+  config = make_config('supervised', {'data': 2, 'tensor': 2})
+  mesh = mesh_lib.make_mesh(config.mesh)
+  teacher_lib.export_final(str(tmp_path), TEACHER, placed(TEACHER, 1, mesh, mesh_lib.DEFAULT_RULES))
+  config.teacher.checkpoint, config.teacher.dtype = str(tmp_path), 'bfloat16'
+  config.model.vocab_size = TEACHER.vocab_size
+  run = run_lib.build_run(config, str(tmp_path / 'run'))
+  wq = run.teacher_params['layers']['wq'][...]
+  # ('layers', 'embed', 'heads') under TEACHER_SHARDING: embed over tensor, heads over data.
+  want = jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec(None, 'tensor', 'data'))
+  assert wq.sharding.is_equivalent_to(want, wq.ndim), wq.sharding
+  assert wq.dtype == jax.numpy.bfloat16 and run.teacher_config.param_dtype == 'bfloat16'
+  np.testing.assert_array_equal(
+      np.asarray(wq, np.float32),
+      np.asarray(host_params(TEACHER, 1)['layers']['wq'][...]).astype(jax.numpy.bfloat16)
+      .astype(np.float32))
