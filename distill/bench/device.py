@@ -82,7 +82,8 @@ def emit(row: dict, out: str) -> None:
 
 def summary(rows: list[dict]) -> str:
   """The table of every case, with the goals beside the figures they concern."""
-  lines = ['| shapes | case | step s | tokens/s | MFU | compiled GiB | allocator peak GiB | goal |',
+  lines = ['| shapes | case | step s | tokens/s | MFU | compiled GiB | allocator peak GiB '
+           '| goal |',
            '|---|---|---:|---:|---:|---:|---:|---|']
   for row in rows:
     shapes = row.get('pair', 'benchmark (bf16)')
