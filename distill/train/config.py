@@ -92,9 +92,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.temperature_squared_scale = False
   c.loss.hparams = ml_collections.ConfigDict(type_safe=False)  # e.g. beta, alpha
   # >0: the memory-flat chunked loss, this many tokens' logits at a time (same value and
-  # gradient as 0, the plain loss over full [B, T, V] logits). At the benchmark shape on a
-  # 2-core CPU, 512 made the step ~1.3x faster than plain (256: ~1.45x, 1024: ~1.2x;
-  # experiments/bench); on a GPU, plain or larger chunks can be faster when [B, T, V] fits.
+  # gradient as 0, the plain loss over full [B, T, V] logits). 512 by default: faster than
+  # plain at the benchmark shape on CPU (experiments/bench/perf_notes.md §5); on a GPU, plain
+  # or larger chunks can be faster when [B, T, V] fits.
   c.loss.chunk_size = 512
   c.loss.reduction = 'token_mean'
 
