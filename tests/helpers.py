@@ -10,13 +10,27 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The runs the tests start are tiny, so compiling dominates them: XLA's backend optimisation
+# is off for them and they share one persistent compilation cache (tests/conftest.py).
+FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
+
+
+def cli_env(env=None) -> dict:
+  """The environment of a CLI run started by a test: this one, compiling fast and cached,
+  updated with `env`."""
+  full = dict(os.environ)
+  full['XLA_FLAGS'] = f'{full.get("XLA_FLAGS", "")} {FAST_COMPILE}'
+  full.update({'JAX_COMPILATION_CACHE_DIR': full.get('DISTILL_TEST_COMPILE_CACHE', ''),
+               'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+               'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'})
+  full.update(env or {})
+  return full
 
 
 def run_cli(workdir, *args, env=None, check=True, module='distill.main', timeout=600):
   """Runs `python -m distill.main --workdir=... ARGS` from the repo root."""
   cmd = [sys.executable, '-m', module, f'--workdir={workdir}', *args]
-  full_env = dict(os.environ, **(env or {}))
-  proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True,
+  proc = subprocess.run(cmd, cwd=REPO, env=cli_env(env), capture_output=True, text=True,
                         timeout=timeout)
   if check and proc.returncode != 0:
     raise AssertionError(f'{cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}')
@@ -30,7 +44,7 @@ def run_cli_killed(workdir, *args, checkpoint_step: int, env=None, module='disti
   cmd = [sys.executable, '-m', module, f'--workdir={workdir}', *args]
   # Files, not pipes: nothing reads a pipe while this polls, and a full one would block.
   out, err = tempfile.TemporaryFile('w+'), tempfile.TemporaryFile('w+')
-  proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, **(env or {})), stdout=out,
+  proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env(env), stdout=out,
                           stderr=err, text=True)
   # Orbax renames a step's directory into place once the step is complete.
   target = os.path.join(workdir, 'checkpoints', str(checkpoint_step))

@@ -24,7 +24,6 @@ from distill.train import run as run_lib
 from distill.train import trainer
 from tests.helpers import read_metrics, run_cli, run_cli_killed, small_config
 
-FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
 COMMON = ['--config.mesh.data=1', '--config.eval.generate=False', '--config.data.eval_batch_size=4']
 LAMBDA, LAMBDA_STEPS = 0.3, 200
 # DistiLLM: φ grows by 0.5 at every evaluation (each step) after the first (eps < 0), so by
@@ -76,20 +75,16 @@ def teacher_dir(tmp_path_factory):
 def cli_runs(tmp_path_factory, teacher_dir):
   """{job: workdir}: every CLI job of CLI_JOBS, run concurrently."""
   root = tmp_path_factory.mktemp('cli')
-  env = {'XLA_FLAGS': f'{os.environ.get("XLA_FLAGS", "")} {FAST_COMPILE}',
-         'JAX_COMPILATION_CACHE_DIR': str(root / 'jax_cache'),
-         'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
-         'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
 
   def job(name):
     workdir = str(root / name)
     for i, args in enumerate(CLI_JOBS[name]):
       args = [*args, f'--config.teacher.checkpoint={teacher_dir}']
       if name in RESUMED and i == 0:
-        killed = run_cli_killed(workdir, *args, checkpoint_step=KILL_AT, env=env)
+        killed = run_cli_killed(workdir, *args, checkpoint_step=KILL_AT)
         assert killed.returncode == -9, killed.stderr
       else:
-        run_cli(workdir, *args, env=env)
+        run_cli(workdir, *args)
     return workdir
 
   with concurrent.futures.ThreadPoolExecutor(len(CLI_JOBS)) as pool:

@@ -27,7 +27,6 @@ from distill.train import teacher as teacher_lib
 from tests.helpers import read_metrics, run_cli, run_cli_killed, small_config
 from tests.test_teacher_cache import export_random_teacher, random_params
 
-FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
 COMMON = ['--config.mesh.data=1', '--config.eval.generate=False', '--config.log_steps=1']
 SEQKD = ['--config=configs/arithmetic_seqkd.py:small', *COMMON, '--config.total_steps=4',
          '--config.checkpoint_steps=2', '--config.algorithm.kwargs.num_prompts=32',
@@ -53,20 +52,16 @@ def cli_jobs(request, tmp_path_factory, teacher_dir):
     yield {}   # no CLI test selected
     return
   root = tmp_path_factory.mktemp('cli')
-  env = {'XLA_FLAGS': f'{os.environ.get("XLA_FLAGS", "")} {FAST_COMPILE}',
-         'JAX_COMPILATION_CACHE_DIR': str(root / 'jax_cache'),
-         'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
-         'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
 
   def job(name):
     workdir, outputs = str(root / name), []
     for i, args in enumerate(CLI_JOBS[name]):
       args = [*args, f'--config.teacher.checkpoint={teacher_dir}']
       if name == 'seqkd' and i == 0:
-        proc = run_cli_killed(workdir, *args, checkpoint_step=2, env=env)
+        proc = run_cli_killed(workdir, *args, checkpoint_step=2)
         assert proc.returncode == -9, proc.stderr
       else:
-        proc = run_cli(workdir, *args, env=env)
+        proc = run_cli(workdir, *args)
       outputs.append(proc.stdout)
     return workdir, outputs
 

@@ -16,11 +16,9 @@ import pytest
 from distill import report, sweep
 from distill.sweep import tables
 from distill.sweep import plan as plan_lib
-from tests.helpers import REPO, read_metrics, run_cli, small_config
+from tests.helpers import REPO, cli_env, read_metrics, run_cli, small_config
 from tests.test_teacher_cache import export_random_teacher
 
-FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
-ENV = {'XLA_FLAGS': f'{os.environ.get("XLA_FLAGS", "")} {FAST_COMPILE}'}
 INVOCATION = plan_lib.Invocation('configs/arithmetic_cached.py:small', {})
 
 
@@ -156,7 +154,7 @@ def _sweep_args(tmp_path, teacher):
 def _start_and_kill_when(cmd, path, timeout=600):
   """Starts the command; SIGKILLs it once `path` exists. Returns its stdout."""
   out = tempfile.TemporaryFile('w+')
-  proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, **ENV), stdout=out,
+  proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=out,
                           stderr=subprocess.STDOUT, text=True)
   deadline = time.monotonic() + timeout
   while proc.poll() is None and not os.path.exists(path) and time.monotonic() < deadline:
@@ -181,15 +179,15 @@ def test_declared_sweep_killed_mid_run_completes_every_run_once(tmp_path):
   finished_at = os.stat(first).st_mtime_ns
   assert not (workdir / names[1] / 'final_metrics.json').exists()
 
-  listed = run_cli(str(workdir), *args, '--list', module='distill.sweep', env=ENV).stdout
+  listed = run_cli(str(workdir), *args, '--list', module='distill.sweep').stdout
   commands = [line for line in listed.splitlines() if not line.startswith('#')]
   assert len(commands) == 4 and f'--workdir={workdir / names[3]}' in commands[3]
   # The last run's command, verbatim through a shell, from another directory.
-  subprocess.run(commands[3], shell=True, cwd=tmp_path, env=dict(os.environ, **ENV), check=True,
+  subprocess.run(commands[3], shell=True, cwd=tmp_path, env=cli_env(), check=True,
                  capture_output=True)
   assert (workdir / names[3] / 'final_metrics.json').exists()
 
-  out = run_cli(str(workdir), *args, module='distill.sweep', env=ENV).stdout
+  out = run_cli(str(workdir), *args, module='distill.sweep').stdout
   assert f'sweep: {names[0]}: finished, skipped' in out       # the killed sweep's run
   assert f'sweep: {names[3]}: finished, skipped' in out       # the listed command's run
   assert 'sweep: run 1/2: ' + names[1] in out and 'sweep: run 2/2: ' + names[2] in out
@@ -220,7 +218,7 @@ def test_submitit_local_executor_writes_the_shared_cache_first(tmp_path):
                 '--sweep=model.d_model=16,32', f'--config.teacher.checkpoint={teacher}',
                 '--config.mesh.data=1', '--config.eval.generate=False', '--config.total_steps=2',
                 '--config.algorithm.kwargs.num_rows=32', '--launcher=submitit',
-                '--submitit_cluster=local', module='distill.sweep', env=ENV).stdout
+                '--submitit_cluster=local', module='distill.sweep').stdout
   submitted = [line for line in out.splitlines() if line.startswith('sweep: submitted')]
   assert [s.split(':')[1] for s in submitted] == [' submitted 1 job(s) to local',
                                                  ' submitted 2 job(s) to local']
