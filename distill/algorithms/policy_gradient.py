@@ -12,9 +12,9 @@ A_t = −(log q(y_t) − log p(y_t)) (a constant), and the loss
     L = −Σ_t ratio_t · A_t  (reduced as config.loss.reduction says)
 with the importance ratio ratio_t = q_θ(y_t) / q_sample(y_t) to the distribution that drew
 the token. Sampling in the same step from the same parameters makes the ratio 1 in value at
-temperature 1 (its gradient is ∇log q), so the gradient is the REINFORCE estimate of
-∇KL(q‖p) with the per-token reward; with another sampling temperature, top-k or top-p the
-ratio corrects for the sampling distribution. No full-vocabulary divergence is computed.
+temperature 1 (its gradient is ∇log q), so the gradient is REINFORCE with the per-token
+reward; with another sampling temperature, top-k or top-p the ratio corrects for the
+sampling distribution. No full-vocabulary divergence is computed.
 That per-token reward (kwarg reward_to_go=False, the default, as in the on-policy distillation
 post's discount of zero) makes the expected gradient Σ_t E[∇KL(q(·|y<t)‖p(·|y<t))] with no
 gradient through the prefixes' distribution: biased for KL(q‖p) over whole sequences by the
