@@ -3,6 +3,7 @@
 dequantizer), llama-quantize's type mix, the CharTokenizer vocabulary, and a numpy forward pass
 with llama.cpp's conventions that must reproduce transformers' logits."""
 import ctypes
+import dataclasses
 import hashlib
 import json
 import os
@@ -402,10 +403,14 @@ def rms(x, w, eps):
   return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
 
 
-def rope(x_BxTxHxD, theta, adjacent):
-  """llama.cpp RoPE: NORM rotates pairs (2i, 2i+1), NEOX pairs (i, i + D/2)."""
+def rope(x_BxTxHxD, theta, adjacent, freq_divisors=None):
+  """llama.cpp RoPE: NORM rotates pairs (2i, 2i+1), NEOX pairs (i, i + D/2); frequency i is
+  theta^(-2i/D) / rope_freqs[i] when the file has rope_freqs."""
   D = x_BxTxHxD.shape[-1]
-  angle = np.arange(x_BxTxHxD.shape[1])[:, None] * theta ** (-np.arange(0, D, 2) / D)
+  freq = theta ** (-np.arange(0, D, 2) / D)
+  if freq_divisors is not None:
+    freq = freq / freq_divisors
+  angle = np.arange(x_BxTxHxD.shape[1])[:, None] * freq
   cos, sin = np.cos(angle)[None, :, None], np.sin(angle)[None, :, None]
   if adjacent:
     a, b = x_BxTxHxD[..., 0::2], x_BxTxHxD[..., 1::2]
@@ -438,7 +443,8 @@ def gguf_forward(path, tokens_BxT):
     q, k, v = proj['q'], proj['k'], proj['v']
     if p('attn_q_norm.weight') is not None:
       q, k = rms(q, p('attn_q_norm.weight'), eps), rms(k, p('attn_k_norm.weight'), eps)
-    q, k = rope(q, theta, adjacent), rope(k, theta, adjacent)
+    divisors = W.get('rope_freqs.weight')
+    q, k = rope(q, theta, adjacent, divisors), rope(k, theta, adjacent, divisors)
     k, v = np.repeat(k, H // K, axis=2), np.repeat(v, H // K, axis=2)
     scores = np.einsum('bthd,bshd->bhts', q, k) / np.sqrt(Dh)
     scores = np.where(causal, scores, -np.inf)
@@ -453,7 +459,8 @@ def gguf_forward(path, tokens_BxT):
 
 
 @pytest.mark.parametrize('name,arch', [('llama_gqa', 'llama'), ('qwen2', 'qwen2'),
-                                       ('qwen3', 'qwen3'), ('mistral', 'llama')])
+                                       ('qwen3', 'qwen3'), ('mistral', 'llama'),
+                                       ('llama32', 'llama')])
 def test_llama_cpp_conventions_reproduce_transformers_logits(name, arch, tmp_path):
   path = str(tmp_path / 'm.gguf')
   gguf_export.export_gguf(load(name), path, tokenizer=fixture(name), file_type='f32')
@@ -462,7 +469,7 @@ def test_llama_cpp_conventions_reproduce_transformers_logits(name, arch, tmp_pat
   np.testing.assert_allclose(gguf_forward(path, ref['tokens']), ref['logits'], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize('name', ['llama_gqa', 'qwen2', 'qwen3', 'padded_vocab'])
+@pytest.mark.parametrize('name', ['llama_gqa', 'qwen2', 'qwen3', 'padded_vocab', 'llama32'])
 def test_llama_cpp_runs_the_export(name, tmp_path):
   """The real llama.cpp (llama-cpp-python, optional) reads the file: same logits, same tokens."""
   llama_cpp = pytest.importorskip('llama_cpp')
@@ -561,3 +568,59 @@ def test_cli_to_gguf(tmp_path):
   assert tensors(reader)['blk.0.attn_q.bias'].tensor_type == Q.F32
   assert field(reader, 'tokenizer.ggml.model') == 'gpt2'      # picked up from the HF folder
   assert convert.main(['to-gguf', '--src', str(tmp_path), '--out', out]) == 1
+
+
+LLAMA3_SCALING = {'rope_type': 'llama3', 'factor': 32.0, 'low_freq_factor': 1.0,
+                  'high_freq_factor': 4.0, 'original_max_position_embeddings': 8192}
+
+
+@pytest.mark.parametrize('head_dim,scaling', [
+    (64, LLAMA3_SCALING),                                     # Llama 3.2 1B / 3B
+    (128, dict(LLAMA3_SCALING, factor=8.0)),                  # Llama 3.1 8B
+    (8, dict(LLAMA3_SCALING, original_max_position_embeddings=16))])   # the llama32 fixture
+def test_llama3_rope_freq_divisors_reproduce_the_models_frequencies(head_dim, scaling):
+  from distill.models import rope
+  cfg = ModelConfig(vocab_size=64, d_model=2 * head_dim, n_layers=1, n_heads=2, n_kv_heads=2,
+                    d_ff=64, rope_theta=500_000.0, rope_scaling=scaling)
+  divisors = gguf_export.rope_freq_divisors(cfg)
+  assert divisors.dtype == np.float32 and divisors.shape == (head_dim // 2,)
+  unscaled = np.asarray(rope._plain_inv_freq(head_dim, cfg.rope_theta))
+  scaled, attention = rope.inv_freq(cfg)
+  assert attention == 1.0
+  # llama.cpp's frequency: base frequency / rope_freqs[i].
+  np.testing.assert_allclose(unscaled / divisors, np.asarray(scaled), rtol=2e-6, atol=0)
+  # High frequencies kept (1), low ones divided by the factor, a strictly monotone blend between
+  # (the real configs have all three bands; the fixture's 4 frequencies only the last two).
+  assert divisors[-1] == scaling['factor'] and np.all(np.diff(divisors) >= 0)
+  blend = (divisors > 1) & (divisors < scaling['factor'])
+  assert blend.any() and np.all(np.diff(divisors[blend]) > 0)
+  if head_dim > 8:
+    assert divisors[0] == 1
+  assert gguf_export.rope_freq_divisors(dataclasses.replace(cfg, rope_scaling=())) is None
+
+
+@pytest.mark.parametrize('file_type', ['f32', 'q8_0'])
+def test_llama3_scaling_exports_rope_freqs(tmp_path, file_type):
+  model = load('llama32')
+  path = str(tmp_path / 'm.gguf')
+  written = gguf_export.export_gguf(model, path, tokenizer=fixture('llama32'), file_type=file_type)
+  reader = gguf.GGUFReader(path)
+  assert field(reader, 'general.architecture') == 'llama'
+  assert field(reader, 'llama.rope.freq_base') == 500_000.0
+  assert field(reader, 'llama.rope.dimension_count') == 8
+  got = tensors(reader)
+  want = {'token_embd.weight', 'output_norm.weight', 'rope_freqs.weight'} | {
+      f'blk.{l}.{n}.weight' for l in range(2) for n in LAYER_TENSORS}   # tied: no output.weight
+  assert set(got) == set(written) == want
+  freqs = got['rope_freqs.weight']
+  assert freqs.tensor_type == Q.F32 and list(freqs.shape) == [4]
+  np.testing.assert_array_equal(np.asarray(freqs.data),
+                                gguf_export.rope_freq_divisors(model.config))
+  np.testing.assert_allclose(np.asarray(freqs.data), [1.8845385, 32, 32, 32], rtol=1e-6)
+
+
+def test_rope_scaling_other_than_llama3_refused(tmp_path):
+  with pytest.raises(ValueError, match=r"rope_scaling \('yarn'; only llama3 exports\)"):
+    gguf_export.export_gguf(load('llama_yarn'), str(tmp_path / 'a.gguf'))
+  with pytest.raises(ValueError, match="llama3 rope scaling exports only as architecture 'llama'"):
+    gguf_export.export_gguf(load('llama32'), str(tmp_path / 'a.gguf'), arch='qwen2')

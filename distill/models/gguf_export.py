@@ -12,6 +12,9 @@ what llama.cpp's convert_hf_to_gguf.py writes. Two conventions follow that conve
 * Types. 1-D tensors (norms, biases) stay F32. 2-D weights follow llama-quantize's per-tensor mix
   for the file type (`tensor_type`), quantised by distill.models.gguf_quants to the bytes
   llama.cpp's reference quantizer writes.
+* Llama 3.1/3.2 rope scaling ('llama3') is the F32 tensor rope_freqs.weight of per-frequency
+  divisors (`rope_freq_divisors`), which llama.cpp's 'llama' applies to every layer. Other
+  rope_scaling types are refused.
 
 The vocabulary is written as llama.cpp's 'gpt2' (byte-level BPE) tokenizer: tokens, types,
 merges, special ids and the chat template, with ids the model has beyond the tokenizer written as
@@ -68,7 +71,8 @@ _PRE_TOKENIZERS = {
 # ModelConfig fields that the metadata written here describes, or that do not change what the
 # model computes. Any other field away from its default (a newer family's option: RoPE scaling,
 # sliding windows, Gemma's norms and soft-caps, ...) would be dropped, and llama.cpp would run a
-# different model, so the export refuses it.
+# different model, so the export refuses it. The exception is rope_scaling of type 'llama3'
+# (Llama 3.1/3.2), which llama.cpp's 'llama' reads as the rope_freqs tensor written here.
 _DESCRIBED_FIELDS = frozenset({
     'vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'd_ff', 'head_dim',
     'max_seq_len', 'rope_theta', 'norm_eps', 'qk_norm', 'qkv_bias', 'tie_embeddings', 'dtype',
@@ -79,19 +83,57 @@ def default_arch(cfg: ModelConfig) -> str:
   return 'qwen3' if cfg.qk_norm else 'qwen2' if cfg.qkv_bias else 'llama'
 
 
+def _rope_type(cfg: ModelConfig) -> str | None:
+  return cfg.rope_scaling_dict.get('rope_type') if cfg.rope_scaling else None
+
+
 def _check_arch(cfg: ModelConfig, arch: str):
   undescribed = sorted(f.name for f in dataclasses.fields(cfg) if f.name not in _DESCRIBED_FIELDS
                        and getattr(cfg, f.name) != f.default)
+  # Llama 3.1/3.2 rope scaling is written as the rope_freqs tensor (`rope_freq_divisors`).
+  if 'rope_scaling' in undescribed and _rope_type(cfg) == 'llama3':
+    undescribed.remove('rope_scaling')
   if undescribed:
-    raise ValueError(f'GGUF export does not write {", ".join(undescribed)} (set on this model); '
+    named = [f'rope_scaling ({_rope_type(cfg)!r}; only llama3 exports)' if n == 'rope_scaling'
+             else n for n in undescribed]
+    raise ValueError(f'GGUF export does not write {", ".join(named)} (set on this model); '
                      'llama.cpp would run the model without them')
   if arch not in ARCHS:
     raise ValueError(f'GGUF architecture must be one of {list(ARCHS)}, got {arch!r}')
+  if _rope_type(cfg) == 'llama3' and arch != 'llama':
+    raise ValueError(f"llama3 rope scaling exports only as architecture 'llama' (llama.cpp's "
+                     f"{arch!r} does not read rope_freqs), got {arch!r}")
   if cfg.qk_norm != (arch == 'qwen3'):
     raise ValueError(f'GGUF architecture {arch!r} does not match the model: qk_norm={cfg.qk_norm} '
                      "(q/k-norm models are 'qwen3', and only they)")
   if cfg.qkv_bias and arch == 'qwen3':
     raise ValueError("llama.cpp's 'qwen3' has no q/k/v biases")
+
+
+def rope_freq_divisors(cfg: ModelConfig) -> np.ndarray | None:
+  """llama.cpp's `rope_freqs` tensor (F32 [rotary_dim / 2]) of a model with Llama 3.1's
+  rope scaling ('llama3'), else None.
+
+  llama.cpp rotates with frequency base_frequency / rope_freqs[i], base_frequency being plain
+  RoPE's theta^(-2i/d); the divisors here make that distill.models.rope's llama3 frequency:
+  1 for wavelengths 2 pi / base_frequency below old_len / high_freq_factor, `factor` above
+  old_len / low_freq_factor, and in between 1 / ((1 - s) / factor + s) with
+  s = (old_len / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor), the
+  blend rope.py applies (s = 1 and s = 0 at the band's two edges, so the cases meet).
+  """
+  if _rope_type(cfg) != 'llama3':
+    return None
+  s = cfg.rope_scaling_dict
+  factor, low, high = s['factor'], s['low_freq_factor'], s['high_freq_factor']
+  old_len = s['original_max_position_embeddings']
+  dim = cfg.rotary_dim
+  wavelen = 2 * np.pi * cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+  divisor = np.where(wavelen > old_len / low, float(factor), 1.0)
+  medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+  if high != low:
+    smooth = (old_len / wavelen - low) / (high - low)
+    divisor = np.where(medium, 1 / ((1 - smooth) / factor + smooth), divisor)
+  return divisor.astype(np.float32)
 
 
 def permute_for_norm_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -106,6 +148,9 @@ def gguf_tensors(params, cfg: ModelConfig, arch: str) -> dict[str, np.ndarray]:
   tensors = hf.hf_tensors(params, cfg, qkv_bias=arch == 'qwen2')
   name_map = gguf.get_tensor_name_map(ARCHS[arch], cfg.n_layers)
   out = {}
+  divisors = rope_freq_divisors(cfg)
+  if divisors is not None:
+    out[gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + '.weight'] = divisors
   for name, value in tensors.items():
     value = value.astype(np.float32)
     if arch == 'llama':
