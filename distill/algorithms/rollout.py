@@ -22,6 +22,16 @@ from distill.algorithms import hooks
 SAMPLING_DEFAULTS = {'temperature': 1.0, 'top_k': 0, 'top_p': 1.0}
 
 
+def sampling_config(hook: hooks.Hook) -> sampling.SamplingConfig:
+  """The hook's sampling kwargs (temperature, top_k, top_p) for completions of the task's
+  length, stopping at the tokenizer's EOS."""
+  o = hook.options
+  return sampling.SamplingConfig(
+      max_new_tokens=hook.config.task.completion_len, temperature=o['temperature'],
+      top_k=o['top_k'], top_p=o['top_p'], eos_id=hook.run.tokenizer.eos_id,
+      pad_id=hook.run.tokenizer.pad_id)
+
+
 class Sampled(hooks.Rows):
   """Rows whose completions are sampled; `self.sampling` is set by check()."""
   DEFAULTS = SAMPLING_DEFAULTS
@@ -30,10 +40,8 @@ class Sampled(hooks.Rows):
   teacher_generates = False   # the teacher also samples with self.sampling
 
   def check(self) -> None:
-    c, o = self.config, self.options
-    self.sampling = sampling.SamplingConfig(
-        max_new_tokens=c.task.completion_len, temperature=o['temperature'], top_k=o['top_k'],
-        top_p=o['top_p'], eos_id=self.run.tokenizer.eos_id, pad_id=self.run.tokenizer.pad_id)
+    c = self.config
+    self.sampling = sampling_config(self)
     models = [self.run.model_config] + ([self.run.teacher_config] if self.teacher_generates else [])
     for model_config in models:
       try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import jax
 
 from distill import sampling
+from distill.algorithms import rollout
 from distill.algorithms.cache_rows import CACHE_DEFAULTS, CacheRows
 from distill.algorithms.hooks import ROW_KEYS
 
@@ -31,11 +32,8 @@ class TeacherGenerations(CacheRows):
     return self.positive_int('num_prompts')
 
   def check(self) -> None:
-    c, options = self.config, self.options
-    self.sampling = sampling.SamplingConfig(
-        max_new_tokens=c.task.completion_len, temperature=options['temperature'],
-        top_k=options['top_k'], top_p=options['top_p'], eos_id=self.run.tokenizer.eos_id,
-        pad_id=self.run.tokenizer.pad_id)
+    c = self.config
+    self.sampling = rollout.sampling_config(self)
     try:
       sampling.validate_sampling(self.sampling, self.run.teacher_config, c.task.prompt_len)
     except ValueError as e:

@@ -24,7 +24,7 @@ import concurrent.futures
 import numpy as np
 
 from distill import sampling
-from distill.algorithms import hooks, seqkd, topk
+from distill.algorithms import hooks, rollout, seqkd, topk
 from distill.algorithms.cache_rows import CacheRows
 from distill.algorithms.hooks import ROW_KEYS
 from distill.data import teacher_cache
@@ -126,15 +126,12 @@ class ServedGenerations(seqkd.TeacherGenerations):
   serves_teacher = True
 
   def check(self) -> None:
-    c, options, served = self.config, self.options, self.run.teacher_server.served
+    c, served = self.config, self.run.teacher_server.served
     if self.run.teacher_params is None and c.loss.kd_weight > 0:
       raise ValueError('seqkd with only a served teacher trains on its generations alone: set '
                        'config.loss.kd_weight=0, or also set config.teacher.checkpoint for '
                        'word-level KD (the step runs that teacher)')
-    self.sampling = sampling.SamplingConfig(
-        max_new_tokens=c.task.completion_len, temperature=options['temperature'],
-        top_k=options['top_k'], top_p=options['top_p'], eos_id=self.run.tokenizer.eos_id,
-        pad_id=self.run.tokenizer.pad_id)
+    self.sampling = rollout.sampling_config(self)
     if served.max_model_len is not None and c.task.prompt_len + c.task.completion_len > served.max_model_len:
       raise ValueError(f'algorithm seqkd: prompt_len + completion_len exceeds the served '
                        f'teacher\'s max_model_len {served.max_model_len}')

@@ -85,11 +85,12 @@ def build_step(ctx: hooks.StepContext, method, *, skip_nonfinite: bool = False,
                     objective=objective.update_state(algo['objective'], metrics, state['step']))
     if 'trainable' in algo:
       # Its own optimiser state (same settings as the student's): clipped on its own.
-      extra, extra_opt_state = apply_update(ctx.optimizer, grads['extra'], algo['trainable']['opt_state'],
-                                       algo['trainable']['params'])
+      extra, extra_opt_state = apply_update(ctx.optimizer, grads['extra'],
+                                            algo['trainable']['opt_state'],
+                                            algo['trainable']['params'])
       new_algo['trainable'] = {'params': extra, 'opt_state': extra_opt_state}
     params, opt_state = apply_update(ctx.optimizer, grads['params'], state['opt_state'],
-                                state['params'])
+                                     state['params'])
     metrics = {**drawn.metrics, **metrics,
                'grad_norm': (optax.tree.norm(grads['params']), jnp.float32(1.0))}
     new_state = dict(state, params=params, opt_state=opt_state, step=state['step'] + 1,
