@@ -129,6 +129,7 @@ class Rows(Hook):
   """Dataset rows as they come (the default): supervised KD, or CE without a teacher."""
   needs_teacher = False
   samples = False             # draw() returns Drawn.sample (the rows were generated)
+  serves_teacher = False      # the teacher comes from config.teacher.server (served.py)
   fields: tuple[str, ...] = ROW_KEYS
 
   def train_batches(self, default):

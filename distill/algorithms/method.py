@@ -47,7 +47,7 @@ class Method:
 
   def validate(self) -> None:
     name, rows, objective = self.spec.name, self.rows, self.objective
-    has_teacher = self.run.teacher_params is not None or getattr(rows, 'serves_teacher', False)
+    has_teacher = self.run.teacher_params is not None or rows.serves_teacher
     if (rows.needs_teacher or objective.needs_teacher) and not has_teacher:
       raise ValueError(f'algorithm {name!r} needs a teacher: set config.teacher.checkpoint to '
                        'the workdir of a finished teacher run')
