@@ -9,7 +9,9 @@ Once a save is complete its files' checksums are recorded (distill.data.integrit
 next save or at close; a step killed before that is trusted as Orbax wrote it). A
 resume takes the newest step that verifies and restores; newer ones that do not (torn or
 corrupted files) are moved to WORKDIR/corrupt_checkpoints/ with a warning naming the step
-and the files, so they are neither read nor overwritten.
+and the files, so they are neither read nor overwritten. In a multi-process run every process
+restores the same step: one that fails its checks on any process is skipped by all (the
+processes agree on each step before any restores it).
 """
 from __future__ import annotations
 
@@ -23,7 +25,9 @@ import warnings
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from distill.data import integrity
 
@@ -39,6 +43,13 @@ def identity_mismatch(saved: dict, current: dict) -> list[str]:
   keys = sorted(set(saved) | set(current))
   return [f'{k}: checkpoint has {saved.get(k)!r}, this run has {current.get(k)!r}'
           for k in keys if saved.get(k) != current.get(k)]
+
+
+def _on_every_process(ok: bool) -> bool:
+  """Whether `ok` holds on every process of the run (a collective: all processes call it)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(multihost_utils.process_allgather(np.array(ok)).all())
 
 
 class DiskSpaceError(OSError):
@@ -139,12 +150,21 @@ class Checkpointer:
     broken: dict[int, list[str]] = {}
     for step in sorted(self.manager.all_steps(), reverse=True):
       found = integrity.problems(self.step_directory(step))
-      if found:
-        broken[step] = found
+      # A step torn as any process sees it (e.g. through a stale view of shared storage) is
+      # skipped by all of them: they restore one step.
+      if not _on_every_process(not found):
+        broken[step] = found or ['torn or corrupt as another process reads it']
         continue
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
       except Exception as e:  # noqa: BLE001 - decided below: torn only if an older step reads
+        if jax.process_count() > 1:
+          # Orbax's restore ends at a barrier the others wait at: no process may fall back alone.
+          raise RuntimeError(
+              f'checkpoint step {step} passed its checks but process {jax.process_index()} '
+              f'could not restore it ({type(e).__name__}: {str(e)[:300]}); move '
+              f'{self.step_directory(step)} aside and start again to resume from the step '
+              'before it') from e
         broken[step] = [f'{type(e).__name__}: {str(e)[:300]}']
         continue
       # An older step of the same structure read: the newer ones are torn, not this code's.
@@ -164,6 +184,8 @@ class Checkpointer:
         shutil.move(self.step_directory(step), target)
         warnings.warn(f'checkpoint step {step} is torn or corrupt, skipped and moved to {target}: '
                       + '; '.join(found))
+    if jax.process_count() > 1:   # no process lists the steps before they are moved
+      multihost_utils.sync_global_devices('checkpoint-set-aside')
     self.manager.reload()
 
   def wait(self):
