@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import warnings
 
 import gguf
 import jax
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from safetensors.numpy import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 import distill  # noqa: F401  (flax config)
@@ -21,7 +23,7 @@ from distill import convert
 from distill.data.hf_tokenizer import HFTokenizer
 from distill.data.tokenizer import CharTokenizer
 from distill.models import ModelConfig, get_preset, load_hf
-from distill.models import gguf_export, gguf_quants
+from distill.models import gguf_arch, gguf_export, gguf_quants
 from distill.parallel import mesh as mesh_lib
 from distill.models import sharded
 from distill.train import teacher
@@ -504,7 +506,7 @@ def test_llama_cpp_runs_quantised_exports(llama_gqa, tmp_path, file_type, tolera
 def test_llama_arch_needs_the_permutation(llama_gqa, tmp_path, monkeypatch):
   """Without the q/k row permutation the NORM-rope reading gives different logits."""
   path = str(tmp_path / 'm.gguf')
-  monkeypatch.setattr(gguf_export, 'permute_for_norm_rope', lambda w, n: w)
+  monkeypatch.setattr(gguf_arch, 'permute_for_norm_rope', lambda w, n: w)
   gguf_export.export_gguf(llama_gqa, path, file_type='f32')
   ref = np.load(os.path.join(fixture('llama_gqa'), 'reference.npz'))
   assert np.abs(gguf_forward(path, ref['tokens']) - ref['logits']).max() > 1e-2
@@ -537,19 +539,19 @@ def test_pre_tokenizer_recognised_from_split_regex(llama_gqa, tmp_path):
     assert field(gguf.GGUFReader(path), 'tokenizer.ggml.pre') == want
 
 
-def test_export_errors(llama_gqa, tmp_path, monkeypatch):
+def test_export_errors(llama_gqa, tmp_path):
   with pytest.raises(ValueError, match="unknown GGUF file type 'q4_k'; known: f32, f16, q8_0, "
                                        "q6_k, q5_k_m, q4_k_m, q4_0"):
     gguf_export.export_gguf(llama_gqa, str(tmp_path / 'a.gguf'), file_type='q4_k')
-  with pytest.raises(ValueError, match="'qwen3' does not match"):
+  with pytest.raises(ValueError, match=r"'qwen3' does not match the model: qk_norm=False"):
     gguf_export.export_gguf(llama_gqa, str(tmp_path / 'a.gguf'), arch='qwen3')
-  # A model option the metadata does not describe (as a newer family's would be) is refused.
-  monkeypatch.setattr(gguf_export, '_DESCRIBED_FIELDS',
-                      gguf_export._DESCRIBED_FIELDS - {'tie_embeddings'})
-  tied = random_model(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2,
-                                  d_ff=64, tie_embeddings=True))
-  with pytest.raises(ValueError, match='does not write tie_embeddings'):
-    gguf_export.export_gguf(tied, str(tmp_path / 'a.gguf'))
+  with pytest.raises(ValueError, match="GGUF architecture must be one of"):
+    gguf_export.export_gguf(llama_gqa, str(tmp_path / 'a.gguf'), arch='mistral')
+  # A model option the architecture's graph does not compute is refused by name.
+  windowed = random_model(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2,
+                                      n_kv_heads=2, d_ff=64, sliding_window=4))
+  with pytest.raises(ValueError, match="'llama' does not hold sliding_window"):
+    gguf_export.export_gguf(windowed, str(tmp_path / 'a.gguf'))
   word_level = Tokenizer(models.WordLevel({'<unk>': 0, 'a': 1}, unk_token='<unk>'))
   word_level.pre_tokenizer = pre_tokenizers.Whitespace()
   os.makedirs(tmp_path / 'wl')
@@ -582,7 +584,7 @@ def test_llama3_rope_freq_divisors_reproduce_the_models_frequencies(head_dim, sc
   from distill.models import rope
   cfg = ModelConfig(vocab_size=64, d_model=2 * head_dim, n_layers=1, n_heads=2, n_kv_heads=2,
                     d_ff=64, rope_theta=500_000.0, rope_scaling=scaling)
-  divisors = gguf_export.rope_freq_divisors(cfg)
+  divisors = gguf_arch.rope_freq_divisors(cfg)
   assert divisors.dtype == np.float32 and divisors.shape == (head_dim // 2,)
   unscaled = np.asarray(rope._plain_inv_freq(head_dim, cfg.rope_theta))
   scaled, attention = rope.inv_freq(cfg)
@@ -596,7 +598,7 @@ def test_llama3_rope_freq_divisors_reproduce_the_models_frequencies(head_dim, sc
   assert blend.any() and np.all(np.diff(divisors[blend]) > 0)
   if head_dim > 8:
     assert divisors[0] == 1
-  assert gguf_export.rope_freq_divisors(dataclasses.replace(cfg, rope_scaling=())) is None
+  assert gguf_arch.rope_freq_divisors(dataclasses.replace(cfg, rope_scaling=())) is None
 
 
 @pytest.mark.parametrize('file_type', ['f32', 'q8_0'])
@@ -615,12 +617,147 @@ def test_llama3_scaling_exports_rope_freqs(tmp_path, file_type):
   freqs = got['rope_freqs.weight']
   assert freqs.tensor_type == Q.F32 and list(freqs.shape) == [4]
   np.testing.assert_array_equal(np.asarray(freqs.data),
-                                gguf_export.rope_freq_divisors(model.config))
+                                gguf_arch.rope_freq_divisors(model.config))
   np.testing.assert_allclose(np.asarray(freqs.data), [1.8845385, 32, 32, 32], rtol=1e-6)
 
 
-def test_rope_scaling_other_than_llama3_refused(tmp_path):
-  with pytest.raises(ValueError, match=r"rope_scaling \('yarn'; only llama3 exports\)"):
-    gguf_export.export_gguf(load('llama_yarn'), str(tmp_path / 'a.gguf'))
-  with pytest.raises(ValueError, match="llama3 rope scaling exports only as architecture 'llama'"):
-    gguf_export.export_gguf(load('llama32'), str(tmp_path / 'a.gguf'), arch='qwen2')
+
+# ---- Gemma 2 / 3, Phi-3, linear and YaRN rope scaling -------------------------------------------
+
+def hf_weights(name):
+  """The fixture's HF tensors under the names llama.cpp's converter gives them (with arch)."""
+  cfg = json.load(open(os.path.join(fixture(name), 'config.json')))
+  arch = {'gemma2': 'gemma2', 'gemma3_text': 'gemma3', 'phi3': 'phi3'}.get(cfg['model_type'],
+                                                                          'llama')
+  name_map = gguf.get_tensor_name_map(gguf_arch.ARCHS[arch], cfg['num_hidden_layers'])
+  weights = load_file(os.path.join(fixture(name), 'model.safetensors'))
+  return {name_map.get_name(n, try_suffixes=('.weight', '.bias')): w for n, w in weights.items()}
+
+
+@pytest.mark.parametrize('name,arch', [('gemma2', 'gemma2'), ('gemma3', 'gemma3'),
+                                       ('phi3', 'phi3')])
+def test_gemma_and_phi3_tensors_are_the_hf_weights_as_llama_cpp_reads_them(name, arch, tmp_path):
+  """Every tensor of the f32 file is its HF tensor: Gemma's norms as 1 + w, Gemma 2's queries
+  scaled to llama.cpp's fixed attention scale, Phi-3's fused qkv and gate_up as HF stores them."""
+  path = str(tmp_path / 'm.gguf')
+  model = load(name)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    written = gguf_export.export_gguf(model, path, tokenizer=fixture(name), file_type='f32')
+  got, want = tensors(gguf.GGUFReader(path)), hf_weights(name)
+  want.pop('output.weight', None) if arch == 'gemma2' else None   # gemma2 reads token_embd
+  assert set(got) == set(written) == set(want)
+  rescale = {'gemma2': np.sqrt(16 / 24), 'gemma3': 1.0, 'phi3': 1.0}[arch]   # head_dim / scalar
+  for tensor_name, w in want.items():
+    if arch != 'phi3' and tensor_name.endswith('norm.weight'):
+      w = w + 1
+    if tensor_name.endswith('.attn_q.weight'):
+      w = w * np.float32(rescale)
+    np.testing.assert_allclose(np.asarray(got[tensor_name].data), w, rtol=1e-6, atol=0,
+                               err_msg=tensor_name)
+  messages = [str(w.message) for w in caught]
+  assert any('multiplied by 0.816497' in m for m in messages) == (arch == 'gemma2')
+  assert any("phi3 ignores the sliding window" in m for m in messages) == (arch == 'phi3')
+
+
+def test_gemma_and_phi3_metadata(tmp_path):
+  meta = {}
+  for name in ('gemma2', 'gemma3', 'phi3'):
+    path = str(tmp_path / f'{name}.gguf')
+    with warnings.catch_warnings():
+      warnings.simplefilter('ignore')
+      gguf_export.export_gguf(load(name), path, tokenizer=fixture(name))
+    reader = gguf.GGUFReader(path)
+    meta[name] = {k.split('.', 1)[1]: field(reader, k) for k in reader.fields
+                  if k.startswith(name + '.')}
+    assert field(reader, 'general.architecture') == name
+  g2, g3, phi = meta['gemma2'], meta['gemma3'], meta['phi3']
+  assert (g2['attn_logit_softcapping'], g2['final_logit_softcapping']) == (2.0, 5.0)
+  assert g2['attention.sliding_window'] == 4
+  assert g2['attention.sliding_window_pattern'] == [True, False]
+  assert (g2['attention.key_length'], g2['rope.dimension_count']) == (16, 16)
+  assert g3['attention.sliding_window_pattern'] == [False, True, False]
+  assert (g3['rope.freq_base'], g3['rope.freq_base_swa']) == (1e6, 1e4)
+  assert (g3['rope.scaling.type'], g3['rope.scaling.factor']) == ('linear', 8.0)
+  assert 'final_logit_softcapping' not in g3 and 'attn_logit_softcapping' not in g3
+  assert (phi['rope.dimension_count'], phi['attention.key_length']) == (4, 8)   # partial 0.5
+  assert phi['attention.sliding_window'] == 5
+
+
+def test_attn_qkv_counts_as_attn_v_in_the_k_m_mix():
+  names = [f'blk.{l}.attn_qkv.weight' for l in range(8)]
+  assert mix('q4_k_m', 8, names) == {n: 'Q6_K' if int(n.split('.')[1]) in (0, 3, 6, 7) else 'Q4_K'
+                                     for n in names}
+
+
+YARN = {'rope_type': 'yarn', 'factor': 4.0, 'original_max_position_embeddings': 16}
+
+
+@pytest.mark.parametrize('scaling,arch,keys', [
+    ({'rope_type': 'linear', 'factor': 2.0}, 'qwen3', {'type': 'linear', 'factor': 2.0}),
+    (YARN, 'llama', {'type': 'yarn', 'factor': 4.0, 'original_context_length': 16}),
+    # An attention factor of its own: llama.cpp multiplies its default 1 + 0.1 ln 4 by the key.
+    (dict(YARN, attention_factor=1.5), 'qwen2',
+     {'type': 'yarn', 'factor': 4.0, 'original_context_length': 16,
+      'attn_factor': 1.5 / (1 + 0.1 * np.log(4))})])
+def test_rope_scaling_keys(tmp_path, scaling, arch, keys):
+  model = random_model(ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1,
+                                   d_ff=64, max_seq_len=64, rope_scaling=scaling,
+                                   qk_norm=arch == 'qwen3', qkv_bias=arch == 'qwen2'))
+  path = str(tmp_path / 'm.gguf')
+  gguf_export.export_gguf(model, path)
+  reader = gguf.GGUFReader(path)
+  assert field(reader, 'general.architecture') == arch
+  got = {k.split('rope.scaling.')[1]: field(reader, k) for k in reader.fields
+         if '.rope.scaling.' in k}
+  assert got.keys() == keys.keys()
+  for key, value in keys.items():
+    assert got[key] == (value if isinstance(value, str) else pytest.approx(value, rel=1e-6)), key
+  assert 'rope_freqs.weight' not in tensors(reader)
+
+
+def test_what_llama_cpp_would_compute_differently_is_refused(tmp_path):
+  export = lambda model, **kw: gguf_export.export_gguf(  # noqa: E731
+      model, str(tmp_path / 'a.gguf'), **kw)
+  small = dict(vocab_size=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64,
+               max_seq_len=64)
+  with pytest.raises(ValueError, match='beta_fast=16 does not export'):
+    export(random_model(ModelConfig(**small, rope_scaling=dict(YARN, beta_fast=16))))
+  with pytest.raises(ValueError, match="rope scaling 'llama3' does not export as GGUF "
+                                       "architecture 'qwen2' \\(it takes linear, yarn\\)"):
+    export(load('llama32'), arch='qwen2')
+  gemma2 = load('gemma2')
+  no_cap = random_model(dataclasses.replace(gemma2.config, attn_softcap=0.0))
+  with pytest.raises(ValueError, match="gemma2 always soft-caps"):
+    export(no_cap)
+  gemma3_yarn = random_model(dataclasses.replace(load('gemma3').config, rope_scaling=YARN))
+  with pytest.raises(ValueError, match="'yarn' does not export as GGUF architecture 'gemma3'"):
+    export(gemma3_yarn)
+  with pytest.raises(ValueError, match="'gemma2' does not match the model: norm_plus_one=False"):
+    export(load('llama_gqa'), arch='gemma2')
+
+
+@pytest.mark.parametrize('name,tolerance', [('llama_yarn', 1e-4),
+                                            # llama.cpp's CPU GELU reads an f16 table
+                                            ('gemma2', 2e-3), ('gemma3', 2e-3), ('phi3', 1e-4)])
+def test_llama_cpp_runs_gemma_phi3_and_yarn(name, tolerance, tmp_path):
+  """The real llama.cpp (llama-cpp-python, optional) gives the model's logits. Its phi3 ignores
+  sliding windows, so Phi-3 is compared with the same weights without the window."""
+  llama_cpp = pytest.importorskip('llama_cpp')
+  model = load(name)
+  path = str(tmp_path / 'm.gguf')
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')
+    gguf_export.export_gguf(model, path, tokenizer=fixture(name), file_type='f32')
+  if name == 'phi3':
+    unwindowed = dataclasses.replace(model.config, sliding_window=0)
+    model = nnx.merge(sharded.abstract_model(unwindowed)[0], nnx.state(model, nnx.Param))
+  tokens = np.load(os.path.join(fixture(name), 'reference.npz'))['tokens']
+  want = np.asarray(model(jnp.asarray(tokens)))
+  llm = llama_cpp.Llama(model_path=path, n_ctx=64, logits_all=True, n_threads=1, verbose=False,
+                        type_k=0, type_v=0)
+  for tokens_T, want_TxV in zip(tokens, want):
+    llm.reset()
+    llm.eval(tokens_T.tolist())
+    np.testing.assert_allclose(np.asarray(llm.scores[:len(tokens_T)]), want_TxV,
+                               atol=tolerance, rtol=0)

@@ -1,33 +1,24 @@
 """GGUF export (llama.cpp) of a Transformer, through the `gguf` package.
 
-Tensors go through the Hugging Face naming of distill.models.hf and then gguf's own HF -> GGUF
-name map (token_embd, blk.N.attn_q, ..., output_norm, output), in HF [out, in] layout, which is
-what llama.cpp's convert_hf_to_gguf.py writes. Two conventions follow that converter:
+What each llama.cpp architecture reads (tensor names and layouts, hyper-parameter keys, which
+model options it computes) is distill.models.gguf_arch; this module writes the file:
 
-* RoPE layout. HF rotates pairs (i, i + Dh/2) ("rotate_half"). llama.cpp's 'llama' architecture
-  uses LLAMA_ROPE_TYPE_NORM, rotating adjacent pairs (2i, 2i+1), so the converter's LlamaModel
-  permutes the rows of q_proj and k_proj (weights and biases) within each head,
-  reshape(heads, 2, Dh/2, ...).swapaxes(1, 2); the dot products q.k are unchanged. 'qwen2' and
-  'qwen3' use LLAMA_ROPE_TYPE_NEOX (rotate_half) and their converter copies q/k as they are.
 * Types. 1-D tensors (norms, biases) stay F32. 2-D weights follow llama-quantize's per-tensor mix
   for the file type (`tensor_type`), quantised by distill.models.gguf_quants to the bytes
   llama.cpp's reference quantizer writes.
-* Llama 3.1/3.2 rope scaling ('llama3') is the F32 tensor rope_freqs.weight of per-frequency
-  divisors (`rope_freq_divisors`), which llama.cpp's 'llama' applies to every layer. Other
-  rope_scaling types are refused.
-
-The vocabulary is written as llama.cpp's 'gpt2' (byte-level BPE) tokenizer: tokens, types,
-merges, special ids and the chat template, with ids the model has beyond the tokenizer written as
-'[PAD{i}]' (as the converter does). llama.cpp does not run tokenizer.json's pre-tokenizer; it
-picks a built-in one by the name in tokenizer.ggml.pre, which is recognised here from the split
-regex (Llama 3 'llama-bpe', Qwen2/2.5/3 'qwen2', plain byte-level 'gpt-2') or given explicitly.
-The embedded tasks' CharTokenizer is written the same way, one token per character and no merge
-that applies (`_char_vocab`).
+* The vocabulary is written as llama.cpp's 'gpt2' (byte-level BPE) tokenizer: tokens, types,
+  merges, special ids and the chat template, with ids the model has beyond the tokenizer written
+  as '[PAD{i}]' (as the converter does). llama.cpp does not run tokenizer.json's pre-tokenizer; it
+  picks a built-in one by the name in tokenizer.ggml.pre, which is recognised here from the split
+  regex (Llama 3 'llama-bpe', Qwen2/2.5/3 'qwen2', plain byte-level 'gpt-2') or given explicitly.
+  The embedded tasks' CharTokenizer is written the same way, one token per character and no merge
+  that applies (`_char_vocab`).
+* Lineage: a provenance record (distill.provenance) goes into general.* keys and, whole, into the
+  string key `distill.provenance` (JSON).
 Run the file with e.g. `llama-cli -m student.gguf -cnv` (the chat template is in the file).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import warnings
@@ -40,10 +31,12 @@ from flax import nnx
 from tokenizers import pre_tokenizers
 
 from distill.data.tokenizer import BOS, EOS, PAD, CharTokenizer
-from distill.models import gguf_quants, hf
-from distill.models.config import ModelConfig
+from distill.models import gguf_arch, gguf_quants
+# What callers (the convert CLI) name through this module.
+from distill.models.gguf_arch import ARCHS, default_arch  # noqa: F401
 
 Q = gguf.GGMLQuantizationType
+PROVENANCE_KEY = 'distill.provenance'   # a string key: the provenance record as JSON
 # --type name -> (general.file_type, the type of the tensors the mix leaves alone).
 FILE_TYPES = {
     'f32': (gguf.LlamaFileType.ALL_F32, Q.F32),
@@ -57,8 +50,6 @@ FILE_TYPES = {
 # llama.cpp's replacement for a type whose block does not divide a tensor's rows; F16 when the
 # replacement does not fit either.
 _FALLBACK = {Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
-ARCHS = {'llama': gguf.MODEL_ARCH.LLAMA, 'qwen2': gguf.MODEL_ARCH.QWEN2,
-         'qwen3': gguf.MODEL_ARCH.QWEN3}
 # llama.cpp pre-tokenizer names of known byte-level BPE split regexes (Llama 3, Qwen2/2.5/3).
 _PRE_TOKENIZERS = {
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -66,100 +57,6 @@ _PRE_TOKENIZERS = {
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+": 'qwen2',
 }
-
-
-# ModelConfig fields that the metadata written here describes, or that do not change what the
-# model computes. Any other field away from its default (a newer family's option: RoPE scaling,
-# sliding windows, Gemma's norms and soft-caps, ...) would be dropped, and llama.cpp would run a
-# different model, so the export refuses it. The exception is rope_scaling of type 'llama3'
-# (Llama 3.1/3.2), which llama.cpp's 'llama' reads as the rope_freqs tensor written here.
-_DESCRIBED_FIELDS = frozenset({
-    'vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'd_ff', 'head_dim',
-    'max_seq_len', 'rope_theta', 'norm_eps', 'qk_norm', 'qkv_bias', 'tie_embeddings', 'dtype',
-    'param_dtype', 'remat', 'scan_unroll'})
-
-
-def default_arch(cfg: ModelConfig) -> str:
-  return 'qwen3' if cfg.qk_norm else 'qwen2' if cfg.qkv_bias else 'llama'
-
-
-def _rope_type(cfg: ModelConfig) -> str | None:
-  return cfg.rope_scaling_dict.get('rope_type') if cfg.rope_scaling else None
-
-
-def _check_arch(cfg: ModelConfig, arch: str):
-  undescribed = sorted(f.name for f in dataclasses.fields(cfg) if f.name not in _DESCRIBED_FIELDS
-                       and getattr(cfg, f.name) != f.default)
-  # Llama 3.1/3.2 rope scaling is written as the rope_freqs tensor (`rope_freq_divisors`).
-  if 'rope_scaling' in undescribed and _rope_type(cfg) == 'llama3':
-    undescribed.remove('rope_scaling')
-  if undescribed:
-    named = [f'rope_scaling ({_rope_type(cfg)!r}; only llama3 exports)' if n == 'rope_scaling'
-             else n for n in undescribed]
-    raise ValueError(f'GGUF export does not write {", ".join(named)} (set on this model); '
-                     'llama.cpp would run the model without them')
-  if arch not in ARCHS:
-    raise ValueError(f'GGUF architecture must be one of {list(ARCHS)}, got {arch!r}')
-  if _rope_type(cfg) == 'llama3' and arch != 'llama':
-    raise ValueError(f"llama3 rope scaling exports only as architecture 'llama' (llama.cpp's "
-                     f"{arch!r} does not read rope_freqs), got {arch!r}")
-  if cfg.qk_norm != (arch == 'qwen3'):
-    raise ValueError(f'GGUF architecture {arch!r} does not match the model: qk_norm={cfg.qk_norm} '
-                     "(q/k-norm models are 'qwen3', and only they)")
-  if cfg.qkv_bias and arch == 'qwen3':
-    raise ValueError("llama.cpp's 'qwen3' has no q/k/v biases")
-
-
-def rope_freq_divisors(cfg: ModelConfig) -> np.ndarray | None:
-  """llama.cpp's `rope_freqs` tensor (F32 [rotary_dim / 2]) of a model with Llama 3.1's
-  rope scaling ('llama3'), else None.
-
-  llama.cpp rotates with frequency base_frequency / rope_freqs[i], base_frequency being plain
-  RoPE's theta^(-2i/d); the divisors here make that distill.models.rope's llama3 frequency:
-  1 for wavelengths 2 pi / base_frequency below old_len / high_freq_factor, `factor` above
-  old_len / low_freq_factor, and in between 1 / ((1 - s) / factor + s) with
-  s = (old_len / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor), the
-  blend rope.py applies (s = 1 and s = 0 at the band's two edges, so the cases meet).
-  """
-  if _rope_type(cfg) != 'llama3':
-    return None
-  s = cfg.rope_scaling_dict
-  factor, low, high = s['factor'], s['low_freq_factor'], s['high_freq_factor']
-  old_len = s['original_max_position_embeddings']
-  dim = cfg.rotary_dim
-  wavelen = 2 * np.pi * cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
-  divisor = np.where(wavelen > old_len / low, float(factor), 1.0)
-  medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-  if high != low:
-    smooth = (old_len / wavelen - low) / (high - low)
-    divisor = np.where(medium, 1 / ((1 - smooth) / factor + smooth), divisor)
-  return divisor.astype(np.float32)
-
-
-def permute_for_norm_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
-  """Rows of a q/k projection (weight [H*Dh, D] or bias [H*Dh]) from HF's rotate_half order
-  to llama.cpp's adjacent-pair order, per head."""
-  return (w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:])
-          .swapaxes(1, 2).reshape(w.shape))
-
-
-def gguf_tensors(params, cfg: ModelConfig, arch: str) -> dict[str, np.ndarray]:
-  """GGUF-named float32 tensors (HF layout, q/k permuted for 'llama')."""
-  tensors = hf.hf_tensors(params, cfg, qkv_bias=arch == 'qwen2')
-  name_map = gguf.get_tensor_name_map(ARCHS[arch], cfg.n_layers)
-  out = {}
-  divisors = rope_freq_divisors(cfg)
-  if divisors is not None:
-    out[gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + '.weight'] = divisors
-  for name, value in tensors.items():
-    value = value.astype(np.float32)
-    if arch == 'llama':
-      if '.q_proj.' in name:
-        value = permute_for_norm_rope(value, cfg.n_heads)
-      elif '.k_proj.' in name:
-        value = permute_for_norm_rope(value, cfg.n_kv_heads)
-    out[name_map.get_name(name, try_suffixes=('.weight', '.bias'))] = value
-  return out
 
 
 class TypeFallbackWarning(UserWarning):
@@ -190,7 +87,8 @@ def tensor_type(name: str, shape: tuple[int, ...], file_type: str, n_layers: int
   * The output matrix (token_embd when it doubles as the output, i.e. no output.weight) is Q6_K
     in every quantised type but Q8_0, where it stays Q8_0; Q8_0 when its rows do not fit the
     file type's block.
-  * Q4_K_M and Q5_K_M: attn_v and ffn_down of layer i are Q6_K when i is in the first or last
+  * Q4_K_M and Q5_K_M: attn_v (or Phi-3's fused attn_qkv, which llama.cpp counts as attn_v)
+    and ffn_down of layer i are Q6_K when i is in the first or last
     eighth of the layers or (i - n_layers/8) % 3 == 2 (`_use_more_bits`); the rest are Q4_K
     and Q5_K.
   * Every other matrix has the file type's own type.
@@ -212,7 +110,7 @@ def tensor_type(name: str, shape: tuple[int, ...], file_type: str, n_layers: int
     elif base != Q.Q8_0:
       qtype = Q.Q6_K
   elif (file_type in ('q4_k_m', 'q5_k_m') and layer and
-        name.endswith(('.attn_v.weight', '.ffn_down.weight')) and
+        name.endswith(('.attn_v.weight', '.attn_qkv.weight', '.ffn_down.weight')) and
         _use_more_bits(int(layer.group(1)), n_layers)):
     qtype = Q.Q6_K
   if cols % gguf_quants.block_size(qtype) == 0:
@@ -316,9 +214,26 @@ def _tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer, vocab_size: int, pre
     writer.add_chat_template(tokenizer.chat_template.source)
 
 
+def _provenance_metadata(writer: gguf.GGUFWriter, record: dict):
+  """A distill.provenance record as general.* keys (description = its summary, base models =
+  its teachers, datasets = its data sources, tags) and whole as the JSON string PROVENANCE_KEY."""
+  writer.add_description(record['summary'])
+  teachers = [t for t in [record.get('teacher'), *record.get('more_teachers', ())] if t]
+  if teachers:
+    writer.add_base_model_count(len(teachers))
+    for i, teacher in enumerate(teachers):
+      writer.add_base_model_name(i, teacher['name'])
+  writer.add_dataset_count(len(record['data']))
+  for i, source in enumerate(record['data']):
+    writer.add_dataset_name(i, source['task'])
+  writer.add_tags(['distill', 'knowledge-distillation'])
+  writer.add_string(PROVENANCE_KEY, json.dumps(record, sort_keys=True))
+
+
 def export_gguf(model, path: str, *, tokenizer=None, file_type: str = 'f16',
                 arch: str | None = None, name: str = 'distill-student',
-                tokenizer_pre: str | None = None) -> dict[str, str]:
+                tokenizer_pre: str | None = None,
+                provenance: dict | None = None) -> dict[str, str]:
   """Writes `model` (a Transformer) to the GGUF file `path`; returns {tensor name: type name}.
 
   file_type: a FILE_TYPES name, any case; matrices get llama-quantize's mix (`tensor_type`), and
@@ -326,35 +241,28 @@ def export_gguf(model, path: str, *, tokenizer=None, file_type: str = 'f16',
   tokenizer: an HFTokenizer or HF tokenizer folder (byte-level BPE), or a CharTokenizer; without
   one the file holds no vocabulary (tokenizer.ggml.model 'none') and llama.cpp cannot tokenize
   text for it.
-  arch: 'llama', 'qwen2' or 'qwen3'; None picks qwen3 for q/k norm, qwen2 for qkv bias, else
-  llama. tokenizer_pre: llama.cpp pre-tokenizer name; None recognises Llama 3 / Qwen2 split
-  regexes and GPT-2's byte-level regex, and otherwise writes 'default'.
+  arch: one of gguf_arch.ARCHS; None picks gemma3 / gemma2 for Gemma models (with / without q/k
+  norm), phi3 for partial rotary, qwen3 for q/k norm, qwen2 for qkv bias, else llama. Options the
+  architecture's llama.cpp graph does not compute are refused by name (gguf_arch.check).
+  tokenizer_pre: llama.cpp pre-tokenizer name; None recognises Llama 3 / Qwen2 split regexes and
+  GPT-2's byte-level regex, and otherwise writes 'default'.
+  provenance: a distill.provenance record, written as general.* keys and PROVENANCE_KEY.
   """
   cfg = model.config
   file_type = file_type_key(file_type)
   arch = arch or default_arch(cfg)
-  _check_arch(cfg, arch)
+  gguf_arch.check(cfg, arch)
   if isinstance(tokenizer, str):
     from distill.data.hf_tokenizer import HFTokenizer
     tokenizer = HFTokenizer(tokenizer)
-  tensors = gguf_tensors(nnx.state(model, nnx.Param), cfg, arch)
+  tensors = gguf_arch.gguf_tensors(nnx.state(model, nnx.Param), cfg, arch)
   if jax.process_index() != 0:
     return {}
   writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[ARCHS[arch]])
-  Dh = cfg.resolved_head_dim
   writer.add_name(name)
-  writer.add_context_length(cfg.max_seq_len)
-  writer.add_embedding_length(cfg.d_model)
-  writer.add_block_count(cfg.n_layers)
-  writer.add_feed_forward_length(cfg.d_ff)
-  writer.add_head_count(cfg.n_heads)
-  writer.add_head_count_kv(cfg.n_kv_heads)
-  writer.add_key_length(Dh)
-  writer.add_value_length(Dh)
-  writer.add_rope_dimension_count(Dh)
-  writer.add_rope_freq_base(cfg.rope_theta)
-  writer.add_layer_norm_rms_eps(cfg.norm_eps)
-  writer.add_vocab_size(cfg.vocab_size)
+  if provenance is not None:
+    _provenance_metadata(writer, provenance)
+  gguf_arch.add_hparams(writer, cfg, arch)
   writer.add_file_type(FILE_TYPES[file_type][0])
   writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
   if tokenizer is None:
