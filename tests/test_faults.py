@@ -185,6 +185,45 @@ def test_torn_cache_shards_are_computed_again_and_a_torn_manifest_refused(tmp_pa
     write()
 
 
+@pytest.mark.parametrize('damage', [_truncate, _flip_byte])
+def test_torn_sweep_records_are_not_finished_runs_and_are_kept(tmp_path, damage):
+  """A run killed while writing config.json or final_metrics.json is trained again (resumed),
+  not skipped or read; so is one killed between final_metrics.json and its params export."""
+  from distill import sweep
+  from distill.sweep import tables
+  from distill.train import teacher as teacher_lib
+  plan = sweep.make_plan(small_config('arithmetic_student', 'small,scratch'),
+                         sweep.Invocation('configs/arithmetic_student.py:small,scratch', {}),
+                         str(tmp_path), sweep.parse_axis('seed=1,2'))
+  for run in plan.runs:   # both finished: records and exported params
+    os.makedirs(os.path.join(run.workdir, teacher_lib.PARAMS_DIR))
+    for name, text in (('config.json', run.config.to_json_best_effort()),
+                       ('final_metrics.json', '{"ce": 1.25, "accuracy": 0.5}'),
+                       (teacher_lib.MODEL_FILE, '{}')):
+      with open(os.path.join(run.workdir, name), 'w') as f:
+        f.write(text)
+  first, second = plan.runs
+  assert [r.state() for r in plan.runs] == ['finished', 'finished']
+  for name in ('final_metrics.json', 'config.json'):
+    path = os.path.join(first.workdir, name)
+    with open(path, 'rb') as f:
+      intact = f.read()
+    damage(path)
+    with open(path, 'rb') as f:
+      damaged = f.read()
+    with pytest.warns(UserWarning, match=f'{path} is torn or corrupt'):
+      assert first.state() == 'interrupted'
+    if name == 'final_metrics.json':
+      with pytest.warns(UserWarning, match=f'{path} is torn or corrupt'):
+        assert [r['name'] for r in tables.collect(plan.runs)] == [second.name]
+    with open(path, 'rb') as f:
+      assert f.read() == damaged   # left for the resumed run to rewrite
+    with open(path, 'wb') as f:
+      f.write(intact)
+  os.remove(os.path.join(second.workdir, teacher_lib.MODEL_FILE))   # killed mid-export
+  assert [r.state() for r in plan.runs] == ['finished', 'interrupted']
+
+
 # ---------------------------------------------------------------------- disk
 
 

@@ -23,11 +23,13 @@ import json
 import os
 import shlex
 import sys
+import warnings
 from typing import Any
 
 from distill import algorithms
 from distill.sweep import axes
 from distill.train import config as config_lib
+from distill.train import teacher as teacher_lib
 
 # The cache a run writes depends on these fields (prefixes): runs that differ in them get
 # their own cache.
@@ -68,18 +70,39 @@ class Run:
     """'finished', 'interrupted' (checkpoints or logs, no final metrics) or 'new'.
 
     A directory holding a run of another config is refused, naming the fields that differ,
-    so a changed sweep never overwrites or mixes results.
+    so a changed sweep never overwrites or mixes results. A torn or corrupt record
+    (config.json, final_metrics.json) is not finished: it trains again from its checkpoints.
+    Finished also needs the exported params, written after final_metrics.json.
     """
     config_path = os.path.join(self.workdir, 'config.json')
-    if os.path.exists(config_path):
-      with open(config_path) as f:
-        differences = config_differences(self.config, json.load(f))
+    saved = read_record(config_path)
+    if saved is not None:
+      differences = config_differences(self.config, saved)
       if differences:
         raise ValueError(f'{self.workdir} holds a run with another config ({"; ".join(differences)}'
                          '): use another --workdir, or remove that run to train it anew')
-    if os.path.exists(os.path.join(self.workdir, 'final_metrics.json')):
+    torn_config = saved is None and os.path.exists(config_path)
+    final = read_record(os.path.join(self.workdir, 'final_metrics.json'))
+    if final is not None and not torn_config and teacher_lib.has_export(self.workdir):
       return 'finished'
     return 'interrupted' if os.path.exists(config_path) else 'new'
+
+
+def read_record(path: str) -> dict | None:
+  """A run's JSON record; None when it is absent or torn or corrupt (a run killed while
+  writing it): a warning names the file, which is left for the resumed run to rewrite."""
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path, encoding='utf-8') as f:
+      record = json.load(f)
+  except (OSError, ValueError) as e:   # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    record = e
+  if isinstance(record, dict):
+    return record
+  warnings.warn(f'{path} is torn or corrupt ({str(record)[:200]}): the run counts as not '
+                'finished and resumes from its checkpoints, which rewrites the file')
+  return None
 
 
 @dataclasses.dataclass(frozen=True)

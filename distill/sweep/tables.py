@@ -8,19 +8,21 @@ from __future__ import annotations
 import json
 import os
 
+from distill.sweep import plan as plan_lib
+
 # Metrics shown first in the table, when present (the rest follow alphabetically).
 LEADING_METRICS = ('params', 'accuracy', 'ce', 'perplexity', 'kl_forward', 'kl_reverse',
                    'teacher_ce')
 
 
 def collect(runs) -> list[dict]:
-  """The rows of the finished runs among `runs` (distill.sweep.plan.Run), in order."""
+  """The rows of the finished runs among `runs` (distill.sweep.plan.Run), in order (a torn
+  final_metrics.json is skipped with a warning naming it)."""
   results = []
   for run in runs:
-    path = os.path.join(run.workdir, 'final_metrics.json')
-    if os.path.exists(path):
-      with open(path) as f:
-        results.append({'name': run.name, 'overrides': run.overrides, 'final': json.load(f)})
+    final = plan_lib.read_record(os.path.join(run.workdir, 'final_metrics.json'))
+    if final is not None:
+      results.append({'name': run.name, 'overrides': run.overrides, 'final': final})
   return results
 
 
