@@ -11,6 +11,9 @@ what a finished run leaves and what `teacher.checkpoint` reads, so an HF teacher
 hf-to-distill can be used as a teacher directly. Weights are sharded over all local devices.
 to-gguf takes the tokenizer from --tokenizer ('char': the embedded tasks' CharTokenizer), else
 from the source: an HF folder's tokenizer.json, or the tokenizer a run's config.json names.
+distill-to-hf and to-gguf carry the student's lineage (distill.provenance): built from a run's
+workdir (teacher and data fingerprinted), or the record an HF folder's model card holds; the HF
+folder gets it as its model card (README.md), the GGUF file as metadata.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import warnings
 
 from flax import nnx
 
+from distill import provenance
 from distill.data.tokenizer import CharTokenizer
 from distill.models import gguf_export, hf
 from distill.parallel import mesh as mesh_lib
@@ -54,8 +58,12 @@ def distill_to_hf(args):
     raise FileNotFoundError(f'{args.src!r} holds no distill run export '
                             f'({teacher.MODEL_FILE} + {teacher.PARAMS_DIR}/)')
   model = _load_any(args.src, args.dtype)
-  hf.save_hf(model, args.out, tokenizer=args.tokenizer, architecture=args.architecture)
-  print(f'wrote {args.out}')
+  record = provenance.read(args.src)
+  card = None if record is None else provenance.model_card(
+      record, os.path.basename(os.path.normpath(args.out)))
+  hf.save_hf(model, args.out, tokenizer=args.tokenizer, architecture=args.architecture,
+             model_card=card)
+  print(f'wrote {args.out}' + ('' if record is None else f' ({record["summary"]})'))
 
 
 def _source_tokenizer(src: str):
@@ -80,7 +88,8 @@ def to_gguf(args):
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter('always', gguf_export.TypeFallbackWarning)
     written = gguf_export.export_gguf(model, args.out, tokenizer=tokenizer, file_type=file_type,
-                                      arch=args.arch, tokenizer_pre=args.tokenizer_pre)
+                                      arch=args.arch, tokenizer_pre=args.tokenizer_pre,
+                                      provenance=provenance.read(args.src))
   for warning in caught:
     if issubclass(warning.category, gguf_export.TypeFallbackWarning):
       print(f'warning: {warning.message}', file=sys.stderr)
@@ -114,7 +123,8 @@ def parser() -> argparse.ArgumentParser:
                           "(default: the source's, see above)")
       c.add_argument('--type', default='f16',
                      help=f'one of {", ".join(gguf_export.FILE_TYPES)}, any case')
-      c.add_argument('--arch', default=None, choices=list(gguf_export.ARCHS))
+      c.add_argument('--arch', default=None, choices=list(gguf_export.ARCHS),
+                     help='llama.cpp architecture (default: from the model, see gguf_export)')
       c.add_argument('--tokenizer-pre', default=None,
                      help="llama.cpp pre-tokenizer name (default: recognised or 'default')")
   return p

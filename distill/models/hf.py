@@ -315,7 +315,8 @@ def hf_tensors(params, cfg: ModelConfig, *, qkv_bias: bool = False,
   return out
 
 
-def save_hf(model, folder: str, tokenizer=None, architecture: str | None = None):
+def save_hf(model, folder: str, tokenizer=None, architecture: str | None = None,
+            model_card: str | None = None):
   """Writes `model` (a Transformer) as a HF checkpoint folder.
 
   architecture: one of ARCHITECTURES; None picks Gemma3 / Gemma2 for Gemma-style models (with /
@@ -324,7 +325,8 @@ def save_hf(model, folder: str, tokenizer=None, architecture: str | None = None)
   model saved as Qwen2ForCausalLM gets zero q/k/v biases; Phi3ForCausalLM fuses qkv_proj and
   gate_up_proj.
   tokenizer: an HFTokenizer or a folder; its tokenizer files are copied and its special ids
-  written to config.json. Every process must call this; process 0 writes.
+  written to config.json. model_card: the README.md text (distill.provenance.model_card writes
+  the student's lineage). Every process must call this; process 0 writes.
   """
   cfg = model.config
   architecture = architecture or default_architecture(cfg)
@@ -345,6 +347,9 @@ def save_hf(model, folder: str, tokenizer=None, architecture: str | None = None)
   save_file(tensors, os.path.join(folder, SINGLE_FILE), metadata={'format': 'pt'})
   with open(os.path.join(folder, 'config.json'), 'w') as f:
     json.dump(config, f, indent=2)
+  if model_card is not None:
+    with open(os.path.join(folder, 'README.md'), 'w', encoding='utf-8') as f:
+      f.write(model_card)
   if tokenizer is not None:
     for name in tokenizer.files:
       shutil.copy(os.path.join(tokenizer.folder, name), os.path.join(folder, name))
