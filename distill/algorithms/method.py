@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from distill.algorithms import hooks, served
+from distill.algorithms import hooks, served, teachers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +42,11 @@ class Method:
 
     # A served teacher (config.teacher.server) replaces the rows hook by its served variant.
     rows = spec.rows if run.teacher_server is None else served.rows_for(spec)
+    objective = spec.objective
+    if teachers.is_ensemble(run.teacher_graphdef):   # several teachers (config.teachers)
+      rows, objective = teachers.hooks_for(spec, run.teacher_graphdef)
     self.rows = rows(config, run, options(rows))
-    self.objective = spec.objective(config, run, options(spec.objective))
+    self.objective = objective(config, run, options(objective))
 
   def validate(self) -> None:
     name, rows, objective = self.spec.name, self.rows, self.objective

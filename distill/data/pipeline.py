@@ -18,6 +18,8 @@ import numpy as np
 from distill.data.tokenizer import CharTokenizer
 
 Example = dict[str, np.ndarray]
+# Several teachers routed per row: int32 [T], the index of the row's teacher (constant in T).
+ROUTE_FIELD = 'teacher_route'
 
 
 def example_name(task, split: str, index: int) -> str:
@@ -58,6 +60,15 @@ def encode_example(tokenizer: CharTokenizer, prompt: str, completion: str, *,
               input_mask=input_mask_T, loss_mask=loss_mask_T)
 
 
+def with_route(row: Example, route, split: str, index: int | None) -> Example:
+  """row with ROUTE_FIELD from `route(split, index)` (0 for a padding row, index None);
+  unchanged without a route."""
+  if route is not None:
+    row[ROUTE_FIELD] = np.full(row['tokens'].shape, 0 if index is None else route(split, index),
+                               np.int32)
+  return row
+
+
 def padding_example(tokenizer: CharTokenizer, *, prompt_len: int, completion_len: int) -> Example:
   """A row that carries nothing: all pad, both masks zero (fills partial eval batches)."""
   tokens_T = np.full(prompt_len + completion_len, tokenizer.pad_id, np.int32)
@@ -85,10 +96,10 @@ def _check_args(task, split, prompt_len, completion_len, shard_index, shard_coun
 def make_dataset(task, tokenizer: CharTokenizer, *, split: str, prompt_len: int,
                  completion_len: int, seed: int, shuffle: bool = True,
                  num_epochs: int | None = None, shard_index: int = 0,
-                 shard_count: int = 1) -> grain.MapDataset:
+                 shard_count: int = 1, route=None) -> grain.MapDataset:
   """Encoded single examples of `split`; process `shard_index` sees every
   `shard_count`-th example. Shuffling is reseeded every epoch; num_epochs=None repeats
-  forever."""
+  forever. With a `route(split, index) -> teacher index`, rows carry ROUTE_FIELD."""
   _check_args(task, split, prompt_len, completion_len, shard_index, shard_count)
   ds = grain.MapDataset.range(task.num_examples(split))[shard_index::shard_count]
   if shuffle:
@@ -98,9 +109,10 @@ def make_dataset(task, tokenizer: CharTokenizer, *, split: str, prompt_len: int,
 
   def encode(index):
     prompt, completion = task.example(split, index)
-    return encode_example(tokenizer, prompt, completion, prompt_len=prompt_len,
-                          completion_len=completion_len,
-                          name=example_name(task, split, index))
+    return with_route(encode_example(tokenizer, prompt, completion, prompt_len=prompt_len,
+                                     completion_len=completion_len,
+                                     name=example_name(task, split, index)),
+                      route, split, index)
 
   return ds.map(encode)
 
@@ -118,8 +130,9 @@ def make_iterator(task, tokenizer: CharTokenizer, *, split: str, prompt_len: int
 
 def make_eval_iterator(task, tokenizer: CharTokenizer, *, prompt_len: int, completion_len: int,
                        batch_size: int, split: str = 'eval', shard_index: int = 0,
-                       shard_count: int = 1) -> grain.DatasetIterator:
-  """One unshuffled pass over `split`, every example exactly once across shards.
+                       shard_count: int = 1, route=None) -> grain.DatasetIterator:
+  """One unshuffled pass over `split`, every example exactly once across shards (with
+  ROUTE_FIELD when a `route` is given, as make_dataset).
 
   The last batch is filled with padding rows (all-zero masks) rather than dropped, and
   every shard yields the same number of batches (shards that run out first emit
@@ -134,11 +147,12 @@ def make_eval_iterator(task, tokenizer: CharTokenizer, *, prompt_len: int, compl
   def encode(slot):
     index = slot * shard_count + shard_index
     if index >= n:
-      return {k: v.copy() for k, v in pad_row.items()}
+      return with_route({k: v.copy() for k, v in pad_row.items()}, route, split, None)
     prompt, completion = task.example(split, index)
-    return encode_example(tokenizer, prompt, completion, prompt_len=prompt_len,
-                          completion_len=completion_len,
-                          name=example_name(task, split, index))
+    return with_route(encode_example(tokenizer, prompt, completion, prompt_len=prompt_len,
+                                     completion_len=completion_len,
+                                     name=example_name(task, split, index)),
+                      route, split, index)
 
   ds = grain.MapDataset.range(num_rows).map(encode)
   return iter(ds.batch(batch_size).to_iter_dataset())

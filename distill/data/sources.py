@@ -68,6 +68,7 @@ class RowFormat:
   completion_field: str = 'completion'
   messages_field: str | None = None
   chat_template: ChatTemplate | None = None
+  route_field: str | None = None   # a string naming the row's teacher (config.teachers.routes)
 
   def __post_init__(self):
     if self.messages_field and self.chat_template is None:
@@ -75,8 +76,16 @@ class RowFormat:
 
   @property
   def fields(self) -> tuple[str, ...]:
-    return (self.messages_field,) if self.messages_field else (self.prompt_field,
-                                                               self.completion_field)
+    text = ((self.messages_field,) if self.messages_field else (self.prompt_field,
+                                                                self.completion_field))
+    return text + ((self.route_field,) if self.route_field else ())
+
+  def route(self, row, where: str) -> str:
+    value = _to_py(row[self.route_field])
+    if not isinstance(value, str):
+      raise RowError(f'{where}: field {self.route_field!r} (the row\'s teacher route) must be '
+                     f'a string, got {type(value).__name__}')
+    return value
 
   def example(self, row, where: str) -> tuple[str, str]:
     if not isinstance(row, Mapping):
@@ -120,7 +129,7 @@ class _FileSource:
 
   def __init__(self, path, *, prompt_field='prompt', completion_field='completion',
                messages_field=None, chat_template=None, on_error='raise', eval_fraction=0.0,
-               eval_path=None, split_seed=0, name=None):
+               eval_path=None, split_seed=0, name=None, route_field=None):
     if on_error not in ON_ERROR:
       raise ValueError(f'on_error must be one of {ON_ERROR}, got {on_error!r}')
     if not 0.0 <= eval_fraction < 1.0:
@@ -128,7 +137,8 @@ class _FileSource:
     if eval_fraction and eval_path is not None:
       raise ValueError('give either eval_fraction or eval_path, not both')
     self.format = RowFormat(prompt_field, completion_field, messages_field,
-                            resolve_chat_template(chat_template))
+                            resolve_chat_template(chat_template), route_field)
+    self.route_values: set[str] = set()   # every value of route_field in the files
     self.on_error = on_error
     self.num_skipped, self.skipped_examples = 0, []
     train_files = _expand(path)
@@ -162,6 +172,8 @@ class _FileSource:
           if isinstance(row, RowError):
             raise row
           self.format.example(row, where)
+          if self.format.route_field:
+            self.route_values.add(self.format.route(row, where))
         except RowError as e:
           if self.on_error == 'raise':
             raise
@@ -184,6 +196,14 @@ class _FileSource:
     file_index, location = self._refs[self._check_split(split)][index]
     return self.format.example(self._fetch(self._paths[file_index], int(location)),
                                self.where(index, split))
+
+  def route(self, split: str, index: int) -> str:
+    """The route_field value of example `index` of `split` (the name of its teacher)."""
+    if not self.format.route_field:
+      raise ValueError(f'{self.name} has no route field: set task.kwargs.route_field')
+    file_index, location = self._refs[self._check_split(split)][index]
+    return self.format.route(self._fetch(self._paths[file_index], int(location)),
+                             self.where(index, split))
 
   def where(self, index: int, split: str = 'train') -> str:
     """The file and line (JSONL) or row (Parquet) of example `index` of `split`."""

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from distill import losses, sampling
+from distill.algorithms import teachers
 from distill.data import pipeline
 
 
@@ -34,7 +35,12 @@ def _token_sums(student_logits, teacher_logits, batch):
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _eval_batch(student_graphdef, teacher_graphdef, student_params, teacher_params, batch):
   logits = lambda g, p: nnx.merge(g, p)(batch['tokens'], batch['input_mask'])
-  teacher_logits = None if teacher_graphdef is None else logits(teacher_graphdef, teacher_params)
+  if teacher_graphdef is None:
+    teacher_logits = None
+  elif teachers.is_ensemble(teacher_graphdef):   # several teachers: their mixture (or route)
+    teacher_logits = teachers.ensemble_logits(teacher_graphdef, teacher_params, batch)
+  else:
+    teacher_logits = logits(teacher_graphdef, teacher_params)
   return _token_sums(logits(student_graphdef, student_params), teacher_logits, batch)
 
 
@@ -42,7 +48,8 @@ def eval_batches(run) -> list[dict]:
   c = run.config
   it = pipeline.make_eval_iterator(
       run.task, run.tokenizer, batch_size=c.data.eval_batch_size,
-      prompt_len=c.task.prompt_len, completion_len=c.task.completion_len)
+      prompt_len=c.task.prompt_len, completion_len=c.task.completion_len,
+      route=run.teacher_route)
   return [b for _, b in zip(range(c.eval.max_batches), it)]
 
 
@@ -64,8 +71,10 @@ def _generate_fn(graphdef, cfg):
 def evaluate(run, graphdef, params, *, batches: list[dict] | None = None) -> dict[str, Any]:
   batches = eval_batches(run) if batches is None else batches
   totals: dict[str, float] = {}
+  # A teacher with its own tokenizer reads other ids: no per-token KL to it on these rows.
+  teacher_graphdef = None if run.teacher_tokenizer is not None else run.teacher_graphdef
   for batch in batches:
-    sums = jax.device_get(_eval_batch(graphdef, run.teacher_graphdef, params, run.teacher_params,
+    sums = jax.device_get(_eval_batch(graphdef, teacher_graphdef, params, run.teacher_params,
                                       batch))
     for k, v in sums.items():
       totals[k] = totals.get(k, 0.0) + float(v)

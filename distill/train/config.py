@@ -84,6 +84,17 @@ def base_config() -> ml_collections.ConfigDict:
       timeout_s=120.0, retries=5, backoff_s=0.5, max_backoff_s=30.0, rows_per_request=32,
       concurrency=4))
 
+  # Several teachers (distill.algorithms.teachers): config.teacher.checkpoint is the first,
+  # teachers.more the others (finished runs' workdirs or Hugging Face folders, same tokenizer
+  # and vocabulary). Either mixed per token, p = sum_i w_i p_i (teachers.weights, the first
+  # teacher's first, summing to 1), or routed per row (teachers.routes: each teacher's value
+  # of the rows' route field, e.g. a JSONL source's task.kwargs.route_field). Each teacher's
+  # KL to the student is logged as teacher_kl/NAME (NAME: its folder's name).
+  c.teachers = ml_collections.ConfigDict()
+  c.teachers.more = ()
+  c.teachers.weights = ()
+  c.teachers.routes = ()
+
   c.loss = ml_collections.ConfigDict()
   c.loss.divergence = 'forward_kl'
   c.loss.kd_weight = 1.0

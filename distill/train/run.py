@@ -37,6 +37,9 @@ class Run:
   teacher_config: ModelConfig | None = None
   teacher_server: Any = None    # distill.teacher_client.TeacherClient (config.teacher.server)
   initial_params: Any = None    # the student's starting point (model.init_from)
+  # Several teachers routed per row (config.teachers.routes): (split, index) -> the index of
+  # that example's teacher, added to the rows as distill.data.pipeline.ROUTE_FIELD.
+  teacher_route: Any = None
   rules: tuple = mesh_lib.DEFAULT_RULES   # the student's logical-axis rules (config.mesh.rules)
 
   @property
@@ -82,23 +85,20 @@ def build_run(config, workdir: str) -> Run:
                       data_parallel=mesh_lib.data_parallel_size(mesh))
   run = Run(config, workdir, tokenizer, task, mesh, model_config, initial_params=initial_params,
             rules=rules)
+  if config.role == 'student':
+    teacher_lib.check_teachers_config(config)
   if config.role == 'student' and config.teacher.checkpoint:
-    graphdef, params, teacher_config = teacher_lib.load_exported(config.teacher.checkpoint, mesh,
-                                                                 teacher_rules)
-    dtype = config.teacher.dtype
-    if dtype and (teacher_config.dtype, teacher_config.param_dtype) != (dtype, dtype):
-      graphdef, params, teacher_config = sharded.in_dtype(teacher_config, params, dtype)
-    if teacher_config.max_seq_len < run.seq_len:
-      raise ValueError(f'sequence length {run.seq_len} exceeds the teacher\'s max_seq_len '
-                       f'{teacher_config.max_seq_len}')
-    if teacher_config.vocab_size != model_config.vocab_size:
-      raise ValueError(f'teacher vocabulary ({teacher_config.vocab_size}) != student vocabulary '
-                       f'({model_config.vocab_size}); distillation over logits needs equal vocabularies')
+    loaded = [_load_teacher(run, path, teacher_rules)
+              for path in (config.teacher.checkpoint, *config.teachers.more)]
+    graphdef, params, teacher_config = loaded[0]
     if config.teacher.preset and get_preset(
         config.teacher.preset, vocab_size=tokenizer.vocab_size) != teacher_config:
       raise ValueError(f'teacher.preset={config.teacher.preset!r} does not match the model saved in '
                        f'{config.teacher.checkpoint}: {teacher_config}')
     run.teacher_graphdef, run.teacher_params, run.teacher_config = graphdef, params, teacher_config
+    if len(loaded) > 1:   # several teachers: the step's teacher is their ensemble
+      run.teacher_graphdef, run.teacher_params, run.teacher_route = teacher_lib.ensemble(
+          config, tokenizer, task, loaded)
   if config.role == 'student' and config.teacher.server:
     local = (None if run.teacher_params is None else
              teacher_cache.fingerprint_model(run.teacher_config, run.teacher_params))
@@ -106,12 +106,29 @@ def build_run(config, workdir: str) -> Run:
   return run
 
 
+def _load_teacher(run: Run, checkpoint: str, rules):
+  """(graphdef, params, model_config) of one teacher, checked against the run."""
+  graphdef, params, teacher_config = teacher_lib.load_exported(checkpoint, run.mesh, rules)
+  dtype = run.config.teacher.dtype
+  if dtype and (teacher_config.dtype, teacher_config.param_dtype) != (dtype, dtype):
+    graphdef, params, teacher_config = sharded.in_dtype(teacher_config, params, dtype)
+  if teacher_config.max_seq_len < run.seq_len:
+    raise ValueError(f'sequence length {run.seq_len} exceeds the max_seq_len '
+                     f'{teacher_config.max_seq_len} of teacher {checkpoint}')
+  if teacher_config.vocab_size != run.model_config.vocab_size:
+    raise ValueError(f'teacher {checkpoint} vocabulary ({teacher_config.vocab_size}) != student '
+                     f'vocabulary ({run.model_config.vocab_size}); distillation over logits '
+                     'needs equal vocabularies')
+  return graphdef, params, teacher_config
+
+
 def train_iterator(run: Run):
   """This process's rows of each global batch (distill.parallel.host_data)."""
   c = run.config
   rows = pipeline.make_dataset(run.task, run.tokenizer, split='train', seed=c.seed,
                                prompt_len=c.task.prompt_len,
-                               completion_len=c.task.completion_len, shuffle=True)
+                               completion_len=c.task.completion_len, shuffle=True,
+                               route=run.teacher_route)
   local = host_data.host_rows(rows, c.data.batch_size)
   return iter(local.batch(c.data.batch_size // jax.process_count(), drop_remainder=True)
               .to_iter_dataset())

@@ -1,13 +1,19 @@
 """Runs hand their final params to later runs (a teacher to its students) through
-`workdir/model.json` + `workdir/params/`; this module writes and reads that pair."""
+`workdir/model.json` + `workdir/params/`; this module writes and reads that pair, and
+checks and assembles several teachers (config.teachers) into one ensemble."""
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 
 from jax.sharding import Mesh
 
+from distill.algorithms import teachers as teachers_lib
+from distill.algorithms.hooks import is_real
+from distill.data.hf_tokenizer import HFTokenizer
+from distill.data.tokenizer import CharTokenizer
 from distill.models import ModelConfig, hf, sharded
 from distill.parallel import mesh as mesh_lib
 from distill.train import checkpoint
@@ -43,3 +49,105 @@ def load_exported(workdir: str, mesh: Mesh, rules=mesh_lib.DEFAULT_RULES):
   shardings = sharded.param_shardings(abstract, mesh, rules)
   params = checkpoint.load_params(os.path.join(workdir, PARAMS_DIR), abstract, shardings)
   return graphdef, params, model_config
+
+
+def check_teachers_config(config) -> None:
+  """config.teachers checked on its own (before any teacher is loaded)."""
+  t = config.teachers
+  n = 1 + len(t.more)
+  if not t.more:
+    if t.weights or t.routes:
+      raise ValueError('config.teachers.weights / routes need config.teachers.more (the '
+                       'teachers after config.teacher.checkpoint)')
+    return
+  if not config.teacher.checkpoint:
+    raise ValueError('config.teachers.more adds teachers after config.teacher.checkpoint, '
+                     'which is not set')
+  if config.teacher.server:
+    raise ValueError('several teachers (config.teachers.more) run in-process; a served teacher '
+                     '(config.teacher.server) cannot be one of them yet')
+  if bool(t.weights) == bool(t.routes):
+    raise ValueError(f'{n} teachers: give either config.teachers.weights (mixed per token) or '
+                     'config.teachers.routes (routed per row), one per teacher, '
+                     'config.teacher first')
+  given, what = (t.weights, 'weights') if t.weights else (t.routes, 'routes')
+  if len(given) != n:
+    raise ValueError(f'config.teachers.{what} has {len(given)} values for {n} teachers '
+                     '(config.teacher.checkpoint, then each of config.teachers.more)')
+  if t.weights:
+    if not all(is_real(w) and w >= 0 for w in t.weights):
+      raise ValueError(f'config.teachers.weights must be numbers >= 0, got {tuple(t.weights)}')
+    if not math.isclose(sum(t.weights), 1.0, abs_tol=1e-6):
+      raise ValueError(f'config.teachers.weights {tuple(t.weights)} sum to {sum(t.weights):g}, '
+                       'not 1 (they are the mixture p = sum_i w_i p_i)')
+  elif not all(isinstance(r, str) and r for r in t.routes) or len(set(t.routes)) != n:
+    raise ValueError(f'config.teachers.routes must be {n} distinct non-empty strings, got '
+                     f'{tuple(t.routes)}')
+
+
+def _tokenizer_of(checkpoint: str):
+  """The tokenizer a teacher was trained with (its run's config.json, or the tokenizer.json
+  of a Hugging Face folder); None when the folder says nothing about it."""
+  if has_export(checkpoint):
+    try:
+      with open(os.path.join(checkpoint, 'config.json')) as f:
+        folder = json.load(f).get('tokenizer', '')
+    except (OSError, ValueError):
+      return None
+    return HFTokenizer(folder) if folder else CharTokenizer()
+  if os.path.isfile(os.path.join(checkpoint, 'tokenizer.json')):
+    return HFTokenizer(checkpoint)
+  return None
+
+
+def _tokenizer_differences(student, teacher) -> list[str]:
+  """What differs between two tokenizers: sizes, special tokens, chat templates, vocabulary."""
+  differences = [f'{name} {getattr(teacher, name)} (the run\'s: {getattr(student, name)})'
+                 for name in ('vocab_size', 'bos_id', 'eos_id', 'pad_id')
+                 if getattr(teacher, name) != getattr(student, name)]
+  template = lambda tok: getattr(getattr(tok, 'chat_template', None), 'source', None)
+  if template(teacher) != template(student):
+    differences.append('the chat template')
+  if not differences and teacher.fingerprint() != student.fingerprint():
+    differences.append(f'the vocabulary (fingerprint {teacher.fingerprint()}, the run\'s '
+                       f'{student.fingerprint()})')
+  return differences
+
+
+def _names(checkpoints) -> tuple[str, ...]:
+  """Metric names: each checkpoint's folder name, made unique by its position."""
+  names = [os.path.basename(os.path.normpath(path)) or f'teacher{i}'
+           for i, path in enumerate(checkpoints)]
+  return tuple(f'{name}.{i}' if names.count(name) > 1 else name for i, name in enumerate(names))
+
+
+def ensemble(config, tokenizer, task, loaded):
+  """(Ensemble, params tuple, route or None) of several loaded teachers, checked: each one's
+  tokenizer equals the run's; routed rows name only known routes."""
+  checkpoints = (config.teacher.checkpoint, *config.teachers.more)
+  for path in checkpoints:
+    theirs = _tokenizer_of(path)
+    differences = [] if theirs is None else _tokenizer_differences(tokenizer, theirs)
+    if differences:
+      raise ValueError(f'teacher {path} was trained with another tokenizer than the run\'s: '
+                       f'{"; ".join(differences)}. Several teachers must share the student\'s '
+                       'tokenizer and special tokens')
+  graphdefs, params, model_configs = zip(*loaded)
+  t = config.teachers
+  mix = teachers_lib.Ensemble(graphdefs=tuple(graphdefs), names=_names(checkpoints),
+                              softcaps=tuple(m.final_softcap for m in model_configs),
+                              weights=tuple(float(w) for w in t.weights))
+  route = None
+  if t.routes:
+    values = getattr(task, 'route_values', None)
+    if not values:
+      raise ValueError(f'config.teachers.routes: the rows of task {task.name!r} name no teacher; '
+                       'a JSONL or Parquet source names it in a field '
+                       '(task.kwargs.route_field=\'teacher_route\')')
+    unknown = sorted(values - set(t.routes))
+    if unknown:
+      raise ValueError(f'task {task.name!r} routes rows to {unknown}, which no teacher serves: '
+                       f'config.teachers.routes is {tuple(t.routes)}')
+    index = {value: i for i, value in enumerate(t.routes)}
+    route = lambda split, i: index[task.route(split, i)]
+  return mix, tuple(params), route
