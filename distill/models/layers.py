@@ -22,6 +22,19 @@ _MASKED = -1e30
 SAVED_FOR_BACKWARD = jax.checkpoint_policies.save_only_these_names(
     'q', 'k', 'v', 'probs', 'attn', 'x_mid', 'gate', 'up')
 
+# config.model.remat_policy: what each layer keeps for the backward pass, the rest recomputed
+# from the layer's input (jax.checkpoint policies). Results are the same under every policy;
+# memory and time are not. 'named' is the default (above); 'full' (model.remat=True) keeps
+# only the layer input; 'dots' every matmul output; 'dots_with_no_batch_dims' those of the
+# projections but not attention's batched score and value products; 'none' everything.
+REMAT_POLICIES = {
+    'none': jax.checkpoint_policies.everything_saveable,
+    'named': SAVED_FOR_BACKWARD,
+    'dots': jax.checkpoint_policies.dots_saveable,
+    'dots_with_no_batch_dims': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    'full': jax.checkpoint_policies.nothing_saveable,
+}
+
 
 def rms_norm(x, w, eps, plus_one=False):
   """HF RMSNorm computed in fp32: x * rsqrt(mean(x^2) + eps) * w, or * (1 + w) (Gemma, whose

@@ -50,6 +50,7 @@ from flax import nnx
 from distill.models import layers as layers_lib
 from distill.models import rope as rope_lib
 from distill.models.config import ModelConfig
+from distill.parallel import activations
 
 CACHE_AXES = {
     'k': ('batch', 'kv_heads', 'cache_seq', 'head_dim'),    # of each layer's buffer
@@ -109,7 +110,7 @@ class Transformer(nnx.Module):
     """fp32 logits from final-normed hidden states."""
     logits = jnp.einsum('...d,dv->...v', h_BxTxD.astype(jnp.float32),
                         self.output_projection().astype(jnp.float32))
-    return self._cap_logits(logits)
+    return self._cap_logits(_constrain_logits(logits))
 
   def hidden_states(self, tokens_BxT, input_mask_BxT=None, *, return_layers=False):
     """Final-normed hidden states h [B, T, D] (fp32); with return_layers also [L, B, T, D],
@@ -136,17 +137,20 @@ class Transformer(nnx.Module):
         rope = tuple(jnp.where(is_sliding, a, b) for a, b in zip(sliding[0], rope))
         allowed = jnp.where(is_sliding, sliding[1], allowed)
       x, _, _ = layers_lib.layer(cfg, p, x, rope, allowed)
+      x = _constrain_residual(x, B)
       return x, (x if return_layers else None)
 
-    # remat keeps only each layer's input, otherwise a layer keeps what SAVED_FOR_BACKWARD
-    # names. Only remat needs CSE barriers (to stay rematerialised when unrolled): the policy
-    # recomputes cheap elementwise ops that XLA may as well share with the forward pass.
-    body = jax.checkpoint(body, policy=None if cfg.remat else layers_lib.SAVED_FOR_BACKWARD,
-                          prevent_cse=cfg.remat)
+    # What a layer keeps for the backward pass: the active layout's remat policy, else 'full'
+    # with model.remat (only the layer's input), else what SAVED_FOR_BACKWARD names. Only
+    # 'full' needs CSE barriers (to stay rematerialised when unrolled): the other policies
+    # recompute cheap elementwise ops that XLA may as well share with the forward pass.
+    remat = activations.active().remat or ('full' if cfg.remat else 'named')
+    body = jax.checkpoint(body, policy=layers_lib.REMAT_POLICIES[remat],
+                          prevent_cse=remat == 'full')
     sliding_L = jnp.asarray(cfg.sliding_layers) if mixed else None
-    x, layers = jax.lax.scan(body, self._embed(tokens_BxT).reshape(B * T, -1),
-                             (self.layers.arrays(), sliding_L), unroll=cfg.scan_unroll)
-    h = self._final_norm(x).reshape(B, T, -1)
+    x = _constrain_residual(self._embed(tokens_BxT).reshape(B * T, -1), B)
+    x, layers = jax.lax.scan(body, x, (self.layers.arrays(), sliding_L), unroll=cfg.scan_unroll)
+    h = activations.constrain(self._final_norm(x).reshape(B, T, -1), activations.RESIDUAL)
     return (h, layers.reshape(cfg.n_layers, B, T, -1)) if return_layers else h
 
   # ---- KV cache ----------------------------------------------------------------------------
@@ -225,14 +229,15 @@ class Transformer(nnx.Module):
     # in place. A scan sliced the stacked weights and cache, and re-stacked the cache, at every
     # decode step.
     weights = weights or self.decoding_weights()
-    x = self._embed(tokens_BxP).reshape(B * P, -1)
+    x = _constrain_residual(self._embed(tokens_BxP).reshape(B * P, -1), B)
     k_caches, v_caches = [], []
     for i, p in enumerate(weights['layers']):
       rope, allowed = sliding if cfg.sliding_layers[i] else full
       x, k, v = layers_lib.layer(cfg, p, x, rope, allowed,
                                  (cache['k'][i], cache['v'][i], index))
-      k_caches.append(k)
-      v_caches.append(v)
+      x = _constrain_residual(x, B)
+      k_caches.append(activations.constrain(k, CACHE_AXES['k']))
+      v_caches.append(activations.constrain(v, CACHE_AXES['v']))
     new_cache = {
         **cache,
         'k': tuple(k_caches),
@@ -246,7 +251,7 @@ class Transformer(nnx.Module):
       x = x[:, -1]
     h = self._final_norm(x).astype(cfg.dtype)
     logits = jnp.einsum('...d,dv->...v', h, weights['output'], preferred_element_type=jnp.float32)
-    return self._cap_logits(logits), new_cache
+    return self._cap_logits(_constrain_logits(logits)), new_cache
 
   def decode_step(self, tokens_Bx1, cache, *, weights=None):
     """Appends one real token per row; returns (logits [B, V], cache). weights: as in
@@ -293,6 +298,21 @@ class Transformer(nnx.Module):
       raise ValueError(f'sequence length {tokens_BxT.shape[1]} exceeds config.max_seq_len='
                        f'{self.config.max_seq_len}')
     return tokens_BxT
+
+
+def _constrain_residual(x_NxD, batch: int):
+  """The residual stream [B·T, D] at a layer boundary, laid out as ('batch', 'length',
+  'embed') under the active rules (distill.parallel.activations); unchanged outside a step."""
+  if activations.active().mesh is None:
+    return x_NxD
+  x_BxTxD = x_NxD.reshape(batch, -1, x_NxD.shape[-1])
+  return activations.constrain(x_BxTxD, activations.RESIDUAL).reshape(x_NxD.shape)
+
+
+def _constrain_logits(logits):
+  """Logits [B, T, V] (or a sampler's [B, V]) laid out by the active rules."""
+  logical = activations.LOGITS if logits.ndim == 3 else ('batch', 'vocab')
+  return activations.constrain(logits, logical) if logits.ndim in (2, 3) else logits
 
 
 def count_params(model_or_state) -> int:

@@ -36,7 +36,7 @@ from distill.train import teacher as teacher_lib
 CACHE_DEPENDS_ON = ('teacher.', 'task.', 'tokenizer', 'algorithm.', 'seed', 'data.eval_batch_size')
 # Fields that do not change a run's results: a finished run is still the same run when only
 # these differ (e.g. a sweep relaunched with the progress bar on).
-IGNORED_FIELDS = ('progress_bar', 'wandb.', 'keep_checkpoints')
+IGNORED_FIELDS = ('progress_bar', 'wandb.', 'keep_checkpoints', 'model.remat_policy')
 # Fields derived when building a run (0 in the config: the task's own lengths).
 DERIVED_FIELDS = ('task.prompt_len', 'task.completion_len')
 W_AND_B_TAG_CHARS = 64

@@ -15,6 +15,7 @@ from distill import losses
 from distill.models import ModelConfig
 from distill.train import nonfinite
 from distill.models.config import DTYPES
+from distill.models.layers import REMAT_POLICIES
 from distill.parallel.mesh import LOGICAL_AXES
 
 
@@ -65,6 +66,10 @@ def base_config() -> ml_collections.ConfigDict:
   # e.g. --config.model.d_ff=512 or --config.model.dtype=bfloat16.
   for field in dataclasses.fields(ModelConfig):
     c.model[field.name] = config_dict.placeholder(field.type)
+  # What each layer keeps for the backward pass: one of layers.REMAT_POLICIES ('' = model.remat:
+  # 'full' if True, else 'named'). Not a ModelConfig field: it changes memory and time, not
+  # results, so it is no part of a run's identity (a run resumes under another policy).
+  c.model.remat_policy = ''
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.checkpoint = ''     # a finished run's workdir, or a Hugging Face checkpoint folder
@@ -73,6 +78,10 @@ def base_config() -> ml_collections.ConfigDict:
   # --config.teacher.sharding.embed=fsdp,tensor for a teacher larger than its student.
   c.teacher.sharding = _logical_axis_placeholders()
   c.teacher.dtype = ''          # '' keeps the checkpoint's; 'bfloat16': bf16 params and compute
+  # The teacher's own tokenizer when it differs from the student's: a Hugging Face folder
+  # (tokenizer.json) or 'char' (the embedded tasks' character tokenizer). Only cross-tokenizer
+  # methods take it (algorithm.name='cross_tokenizer', distill.algorithms.cross_tokenizer).
+  c.teacher.tokenizer = ''
   # A teacher on a server speaking vLLM's completions protocol ('http://host:port':
   # python -m distill.serve, or vllm serve): cached_teacher, topk_online and seqkd take its
   # top-k / generations (distill.algorithms.served). With teacher.checkpoint as well, the
@@ -172,6 +181,9 @@ def validate(config, *, model_max_seq_len: int | None = None, data_parallel: int
   positive('data.batch_size', config.data.batch_size)
   positive('data.eval_batch_size', config.data.eval_batch_size)
   positive('data.grad_accum_steps', config.data.grad_accum_steps)
+  if config.model.remat_policy not in ('',) + tuple(REMAT_POLICIES):
+    raise ValueError(f'config.model.remat_policy: unknown {config.model.remat_policy!r}; valid: '
+                     f'{", ".join(REMAT_POLICIES)} (\'\' = as model.remat)')
   if config.teacher.dtype not in ('',) + tuple(DTYPES):
     raise ValueError(f'config.teacher.dtype must be one of {DTYPES} (or \'\' for the '
                      f'checkpoint\'s), got {config.teacher.dtype!r}')
@@ -243,4 +255,4 @@ def make_small(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def model_overrides(config) -> dict:
   """The ModelConfig fields the config sets explicitly (the rest come from the preset)."""
   return {k: v for k, v in config.model.items()
-          if k not in ('preset', 'init_from') and v is not None}
+          if k not in ('preset', 'init_from', 'remat_policy') and v is not None}

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from distill.algorithms import divergence, hooks
+from distill.parallel import activations
 from distill.parallel import mesh as mesh_lib
 from distill.train import accumulate
 from distill.train import nonfinite
@@ -106,7 +107,11 @@ def make_step(config, run, method, graphdef, shardings, optimizer):
   """build_step jitted with the state's shardings, the state donated (updated in place)."""
   ctx = make_context(config, run, graphdef, optimizer)
   teacher_shardings = jax.tree.map(lambda x: x.sharding, run.teacher_params)
-  return jax.jit(build_step(ctx, method, skip_nonfinite=config.nonfinite == 'skip',
-                            grad_accum_steps=config.data.grad_accum_steps),
+  step = build_step(ctx, method, skip_nonfinite=config.nonfinite == 'skip',
+                    grad_accum_steps=config.data.grad_accum_steps)
+  # Traced under the run's layout: activations constrained by the student's rules at the
+  # layer boundaries, the configured remat policy (distill.parallel.activations).
+  layout = activations.Layout(run.mesh, run.rules, config.model.remat_policy)
+  return jax.jit(activations.traced_under(layout, step),
                  in_shardings=(shardings, teacher_shardings, mesh_lib.batch_sharding(run.mesh)),
                  out_shardings=(shardings, None), donate_argnums=(0,))
