@@ -3,6 +3,7 @@ the checks that load exports back into transformers skip when it is not installe
 import dataclasses
 import json
 import os
+import pickle
 import shutil
 
 import jax
@@ -14,6 +15,7 @@ from safetensors.numpy import load_file, save_file
 
 import distill  # noqa: F401  (flax config)
 from distill import convert
+from distill.data.hf_tokenizer import ChatTemplate, ChatTemplateError, HFTokenizer
 from distill.models import ModelConfig, config as config_lib, hf, load_hf, save_hf
 from distill.parallel import mesh as mesh_lib
 from distill.models import sharded
@@ -383,3 +385,81 @@ def test_cli_hf_to_distill_and_back(tmp_path):
   for key in original:
     np.testing.assert_array_equal(original[key], exported[key], err_msg=key)
   assert convert.main(['distill-to-hf', '--src', str(tmp_path / 'nothing'), '--out', out]) == 1
+
+
+# ---- chat templates: Qwen3's thinking mode ------------------------------------------------------
+
+THINKING = os.path.join(os.path.dirname(__file__), 'fixtures', 'qwen3_thinking')
+QUESTION = {'role': 'user', 'content': 'two plus two?'}
+ANSWER = 'four.'
+
+
+def thinking_template():
+  return HFTokenizer(THINKING).chat_template
+
+
+@pytest.mark.parametrize('last', [
+    {'role': 'assistant', 'content': ANSWER, 'reasoning_content': 'add them.'},
+    {'role': 'assistant', 'content': '<think>\nadd them.\n</think>\n\n' + ANSWER}])
+def test_thinking_mode_split(last):
+  """Thinking on: the completion is the reasoning block then the answer; off: the prompt opens
+  an empty think block and the completion is the answer alone. Reasoning as reasoning_content
+  or inline in the content splits the same; an earlier turn's reasoning never reaches the prompt."""
+  template = thinking_template()
+  assert template.has_thinking_switch
+  earlier = [{'role': 'user', 'content': 'hi'},
+             {'role': 'assistant', 'content': '<think>secret</think>hello.'}]
+  for history in ([], earlier):
+    messages = history + [QUESTION, last]
+    on = template.split(messages, enable_thinking=True)
+    off = template.split(messages, enable_thinking=False)
+    assert on[1] == '<think>\nadd them.\n</think>\n\n' + ANSWER
+    assert on[0].endswith('<|im_start|>user\ntwo plus two?<|im_end|>\n<|im_start|>assistant\n')
+    assert off == (on[0] + '<think>\n\n</think>\n\n', ANSWER)
+    assert template.split(messages) == on     # the template's default: thinking
+    assert 'secret' not in on[0] + off[0] and ('hello.' in on[0]) == bool(history)
+  tokenizer = HFTokenizer(THINKING)
+  ids = tokenizer.encode(on[1])
+  assert ids[0] == tokenizer.token_id('<think>') == 150 and tokenizer.token_id('</think>') in ids
+  assert tokenizer.encode(off[1]) == tokenizer.encode(ANSWER)
+
+
+@pytest.mark.parametrize('teacher_thinking,student_thinking', [(True, False), (False, True)])
+def test_split_thinking_teacher_and_student_views(teacher_thinking, student_thinking):
+  template = thinking_template()
+  messages = [QUESTION, {'role': 'assistant', 'content': ANSWER, 'reasoning_content': 'add.'}]
+  views = template.split_thinking(messages, teacher_thinking=teacher_thinking,
+                                  student_thinking=student_thinking)
+  assert views.answer == ANSWER
+  thinking, plain = template.split(messages, enable_thinking=True), template.split(
+      messages, enable_thinking=False)
+  assert (views.teacher, views.student) == ((thinking, plain) if teacher_thinking else
+                                            (plain, thinking))
+  assert views.teacher[1].endswith(ANSWER) and views.student[1].endswith(ANSWER)
+  # The default mode travels with the template (and through pickling, for grain workers).
+  student = pickle.loads(pickle.dumps(template.with_thinking(student_thinking)))
+  assert student.enable_thinking is student_thinking
+  assert student.split(messages) == views.student
+
+
+def test_thinking_mode_errors():
+  plain = HFTokenizer(fixture('qwen2')).chat_template   # ChatML without the switch
+  assert not plain.has_thinking_switch
+  messages = [QUESTION, {'role': 'assistant', 'content': ANSWER}]
+  with pytest.raises(ValueError, match="no thinking mode: it never reads 'enable_thinking'"):
+    plain.split(messages, enable_thinking=False)
+  with pytest.raises(ValueError, match='no thinking mode'):
+    plain.with_thinking(True)
+  with pytest.raises(ValueError, match="enable_thinking must be True, False or None, got 'no'"):
+    thinking_template().with_thinking('no')
+  # A template whose answer differs with and without thinking cannot align the two views.
+  odd = thinking_template().source.replace(
+      "'\\n</think>\\n\\n' + answer.lstrip('\\n')",
+      "'\\n</think>\\n\\n' + answer + (' (reasoned)' if thought else '')")
+  assert odd != thinking_template().source
+  template = ChatTemplate(odd, thinking_template().special_tokens)
+  with pytest.raises(ChatTemplateError, match="row 7: the teacher's completion \\(thinking on\\) "
+                                              "does not end with the answer"):
+    template.split_thinking([QUESTION, {'role': 'assistant', 'content': 'x', 'reasoning_content':
+                                        'y'}], teacher_thinking=True, student_thinking=False,
+                            row='row 7')

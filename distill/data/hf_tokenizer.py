@@ -9,6 +9,15 @@ jinja2 environment set up as transformers does (trim_blocks, lstrip_blocks, `rai
 Special tokens, as the batch pipeline uses them: it adds BOS before every prompt and EOS after
 every completion itself, so `encode` never adds special tokens, and `ChatTemplate.split` drops a
 BOS the template renders at the start and the EOS (plus trailing whitespace) at the end.
+
+Thinking mode (Qwen3's `enable_thinking`): a template that reads the switch renders the final
+assistant turn's reasoning (its `reasoning_content`, or a leading <think>...</think> in its
+content) before the answer, and its generation prompt opens with an empty think block when
+thinking is off. `split(..., enable_thinking=False)` drops the final turn's reasoning, so the
+completion is the answer alone; with True the completion is reasoning then answer.
+`split_thinking` gives a teacher's and a student's views of one conversation, each in its own
+mode (teacher thinking and student not, or the reverse), and checks both completions end with
+the same answer, the part the two can be compared on.
 """
 from __future__ import annotations
 
@@ -17,6 +26,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import jinja2
 import jinja2.ext
@@ -46,10 +56,34 @@ def _strftime_now(fmt):
   return datetime.datetime.now().strftime(fmt)
 
 
-class ChatTemplate:
-  """A compiled jinja chat template plus the special tokens it may reference."""
+_THINKING_SWITCH = 'enable_thinking'
 
-  def __init__(self, source: str, special_tokens: dict[str, str | None] | None = None):
+
+class ThinkingViews(NamedTuple):
+  """One conversation as a teacher and a student see it, each in its own thinking mode."""
+  teacher: tuple[str, str]      # (prompt, completion)
+  student: tuple[str, str]
+  answer: str                   # what both completions end with: the final turn's answer
+
+
+def _without_reasoning(message: dict) -> dict:
+  """The message with no reasoning: no reasoning_content, and its content after the last
+  </think> (leading newlines dropped) when it writes its reasoning inline."""
+  content = message['content']
+  if '</think>' in content:
+    content = content.rsplit('</think>', 1)[1].lstrip('\n')
+  return {**{k: v for k, v in message.items() if k != 'reasoning_content'}, 'content': content}
+
+
+class ChatTemplate:
+  """A compiled jinja chat template plus the special tokens it may reference.
+
+  enable_thinking: the thinking mode `split` uses when not told (None: the template's default,
+  the switch not passed); only for templates that read the `enable_thinking` switch.
+  """
+
+  def __init__(self, source: str, special_tokens: dict[str, str | None] | None = None,
+               enable_thinking: bool | None = None):
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters['tojson'] = _tojson
@@ -60,9 +94,26 @@ class ChatTemplate:
       raise ValueError(f'chat template does not compile: {e} (line {e.lineno})') from None
     self.source = source
     self.special_tokens = dict(special_tokens or {})
+    self._check_thinking(enable_thinking)
+    self.enable_thinking = enable_thinking
 
   def __reduce__(self):   # compiled templates do not pickle; grain workers may need to
-    return ChatTemplate, (self.source, self.special_tokens)
+    return ChatTemplate, (self.source, self.special_tokens, self.enable_thinking)
+
+  @property
+  def has_thinking_switch(self) -> bool:
+    return _THINKING_SWITCH in self.source
+
+  def _check_thinking(self, enable_thinking):
+    if enable_thinking is not None and not isinstance(enable_thinking, bool):
+      raise ValueError(f'enable_thinking must be True, False or None, got {enable_thinking!r}')
+    if enable_thinking is not None and not self.has_thinking_switch:
+      raise ValueError(f'this chat template has no thinking mode: it never reads '
+                       f'{_THINKING_SWITCH!r} (Qwen3-style templates do)')
+
+  def with_thinking(self, enable_thinking: bool | None) -> ChatTemplate:
+    """The same template, splitting in thinking mode `enable_thinking` by default."""
+    return ChatTemplate(self.source, self.special_tokens, enable_thinking)
 
   def render(self, messages: Sequence[dict], *, add_generation_prompt: bool = False,
              row: str = 'conversation', **kwargs) -> str:
@@ -75,9 +126,16 @@ class ChatTemplate:
       raise ChatTemplateError(f'{row}: chat template failed to render: '
                               f'{type(e).__name__}: {e}') from None
 
-  def split(self, messages: Sequence[dict], *, row: str = 'conversation') -> tuple[str, str]:
+  def split(self, messages: Sequence[dict], *, row: str = 'conversation',
+            enable_thinking: bool | None = None) -> tuple[str, str]:
     """(prompt, completion): the completion is the final assistant turn, the prompt everything
-    before it rendered with the generation prompt."""
+    before it rendered with the generation prompt.
+
+    enable_thinking (None: self.enable_thinking): passed to the template; False also drops the
+    final turn's reasoning, so the completion is its answer alone.
+    """
+    thinking = self.enable_thinking if enable_thinking is None else enable_thinking
+    self._check_thinking(thinking)
     if not messages or not isinstance(messages, (list, tuple)):
       raise ChatTemplateError(f'{row}: messages must be a non-empty list, got {messages!r}')
     for m in messages:
@@ -88,8 +146,11 @@ class ChatTemplate:
     if messages[-1]['role'] != 'assistant':
       raise ChatTemplateError(f'{row}: the last message must be the assistant turn to learn, '
                               f'got role {messages[-1]["role"]!r}')
-    full = self.render(messages, row=row)
-    prompt = self.render(messages[:-1], add_generation_prompt=True, row=row)
+    switch = {} if thinking is None else {_THINKING_SWITCH: thinking}
+    if thinking is False:
+      messages = [*messages[:-1], _without_reasoning(messages[-1])]
+    full = self.render(messages, row=row, **switch)
+    prompt = self.render(messages[:-1], add_generation_prompt=True, row=row, **switch)
     if not full.startswith(prompt):
       raise ChatTemplateError(f'{row}: the template renders the conversation without its last '
                               'turn as something other than a prefix of the whole, so the '
@@ -102,6 +163,22 @@ class ChatTemplate:
     if eos and stripped.endswith(eos):
       completion = stripped[:-len(eos)]
     return prompt, completion
+
+  def split_thinking(self, messages: Sequence[dict], *, teacher_thinking: bool,
+                     student_thinking: bool, row: str = 'conversation') -> ThinkingViews:
+    """The teacher's and the student's (prompt, completion), each split in its own thinking
+    mode; ChatTemplateError naming `row` when a completion does not end with the answer (the
+    final turn rendered without thinking), which both views must share to be compared."""
+    answer = self.split(messages, row=row, enable_thinking=False)[1]
+    views = {}
+    for side, thinking in (('teacher', teacher_thinking), ('student', student_thinking)):
+      views[side] = self.split(messages, row=row, enable_thinking=thinking)
+      if not views[side][1].endswith(answer):
+        raise ChatTemplateError(
+            f'{row}: the {side}\'s completion (thinking {"on" if thinking else "off"}) does not '
+            f'end with the answer {answer!r} the template renders without thinking, so the '
+            'teacher and student views cannot be aligned on it')
+    return ThinkingViews(views['teacher'], views['student'], answer)
 
 
 def _token_content(value):
