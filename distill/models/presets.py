@@ -18,7 +18,9 @@ def _arch(d_model, n_layers, n_heads, n_kv_heads, d_ff, **kw):
 PRESETS = {
     # For unit tests: GQA so the grouped path is exercised.
     'tiny': _arch(32, 2, 4, 2, 64, max_seq_len=256),
-    # Students (~0.1M .. ~100M at vocab 64).
+    # Students (~15k .. ~100M at vocab 64).
+    'student-15k': _arch(24, 2, 4, 4, 64),
+    'student-40k': _arch(40, 2, 4, 4, 112),
     'student-100k': _arch(64, 2, 4, 4, 192),
     'student-500k': _arch(128, 2, 4, 4, 448),
     'student-2m': _arch(192, 4, 6, 6, 576),
