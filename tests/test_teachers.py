@@ -17,6 +17,7 @@ from distill.data.tokenizer import CharTokenizer
 from distill.models import get_preset, sharded
 from distill.train import config as config_lib
 from distill.train import run as run_lib
+from distill.train import monitor
 from distill.train import teacher as teacher_lib
 
 VOCAB = CharTokenizer().vocab_size
@@ -91,6 +92,7 @@ def computed():
             'routed': routed(student, both, rows),
             'singles': [single(student, t, s) for t, s in zip(both, subsets)],
             'mixed': mixed(student, both, rows)[0],
+            'probe': monitor.probe(graphdef, _ensemble(graphdef, MIX), student, both, rows),
             'logits': [logits(p, rows) for p in (student, teacher_a, teacher_b)]}
 
   args = (student, teacher_a, teacher_b, _rows(), subsets)
@@ -135,6 +137,20 @@ def test_mixture_against_float64(computed):
   kl = (p * (np.log(p) - student)).sum(-1)
   mask = _rows()['loss_mask']
   np.testing.assert_allclose(computed['mixed'], (kl * mask).sum() / mask.sum(), rtol=1e-5)
+
+
+def test_monitor_probe_entropy_and_kl_to_the_mixture(computed):
+  """The per-log probe: the student's entropy (vs float64) and its forward KL to the
+  teachers' mixture, which is the mixed forward-KL loss on the same rows."""
+  logits = np.asarray(computed['logits'][0], np.float64)
+  z = logits - logits.max(-1, keepdims=True)
+  logprobs = z - np.log(np.exp(z).sum(-1, keepdims=True))
+  entropy = -(np.exp(logprobs) * logprobs).sum(-1)
+  mask = _rows()['loss_mask']
+  (entropy_sum, count), (kl_sum, kl_count) = (computed['probe'][k] for k in
+                                              ('student_entropy', 'probe_kl'))
+  np.testing.assert_allclose(entropy_sum / count, (entropy * mask).sum() / mask.sum(), rtol=1e-5)
+  np.testing.assert_allclose(kl_sum / kl_count, computed['mixed'], rtol=1e-5)
 
 
 def _export(path, vocab_size=VOCAB, tokenizer=''):

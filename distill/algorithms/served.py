@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import time
 
 import numpy as np
 
@@ -81,10 +82,18 @@ class _WithServedTopK:
 
   get_state() is the source's state after the last batch handed out, not after the ones
   fetched ahead, so a resumed run sees the same batches as an uninterrupted one.
+  take_timing() gives the seconds per batch the loop waited for answers and the requests took.
   """
 
   def __init__(self, batches, fetch):
-    self.batches, self.fetch = batches, fetch
+    self.batches = batches
+    self.waited_s, self.request_s, self.count = 0.0, 0.0, 0
+
+    def timed_fetch(batch):
+      start = time.perf_counter()
+      answer = fetch(batch)
+      return answer, time.perf_counter() - start
+    self.fetch = timed_fetch
     self.state = batches.get_state()
     self.pending = collections.deque()   # (source state after the batch, batch, future)
     self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='served-topk')
@@ -100,16 +109,28 @@ class _WithServedTopK:
   def __next__(self) -> dict:
     self._fill()
     state, batch, future = self.pending.popleft()
+    start = time.perf_counter()
     try:
-      ids, logprobs = future.result()
+      (ids, logprobs), request_s = future.result()
     except TeacherUnavailable as e:
       self.pool.shutdown(wait=False, cancel_futures=True)
       raise TeacherUnavailable(f'{e}. Training stopped before this step; its last checkpoint '
                                'is intact: restart the teacher server and run the same command '
                                'to resume.') from e
+    self.waited_s += time.perf_counter() - start
+    self.request_s += request_s
+    self.count += 1
     self.state = state
     self._fill()   # the next batch's request runs during this step
     return {**batch, 'topk_ids': ids, 'topk_logprobs': logprobs}
+
+  def take_timing(self) -> dict:
+    """{teacher_s: seconds waited per batch, teacher_request_s: request seconds per batch}
+    since the last call (distill.train.monitor)."""
+    n = max(self.count, 1)
+    timing = {'teacher_s': self.waited_s / n, 'teacher_request_s': self.request_s / n}
+    self.waited_s, self.request_s, self.count = 0.0, 0.0, 0
+    return timing
 
   def get_state(self):
     return self.state

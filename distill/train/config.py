@@ -153,6 +153,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.wandb.group = ''
   c.wandb.name = ''
 
+  # What the user sees at each log (distill.train.monitor): the teacher's share of the step
+  # time; with `probe` (two small programs compiled beside the step) the student's entropy and
+  # its KL to the teacher on the logged batch; one-time alarms when the entropy falls below
+  # entropy_floor x its first logged value, or the KL (probe_kl, else loss) rises above
+  # kl_spike x the median of its last kl_window logged values.
+  c.monitor = ml_collections.ConfigDict(dict(probe=True, entropy_floor=0.25, kl_spike=3.0,
+                                             kl_window=10))
+
   c.progress_bar = True
   c.lock()
   # Free-form keyword dicts stay open so experiment files can add their own keys.
@@ -184,6 +192,10 @@ def validate(config, *, model_max_seq_len: int | None = None, data_parallel: int
   if config.model.remat_policy not in ('',) + tuple(REMAT_POLICIES):
     raise ValueError(f'config.model.remat_policy: unknown {config.model.remat_policy!r}; valid: '
                      f'{", ".join(REMAT_POLICIES)} (\'\' = as model.remat)')
+  m = config.monitor
+  if not (0 < m.entropy_floor < 1 and m.kl_spike > 1 and m.kl_window >= 3):
+    raise ValueError(f'config.monitor needs 0 < entropy_floor < 1, kl_spike > 1 and '
+                     f'kl_window >= 3, got {m.entropy_floor}, {m.kl_spike}, {m.kl_window}')
   if config.teacher.dtype not in ('',) + tuple(DTYPES):
     raise ValueError(f'config.teacher.dtype must be one of {DTYPES} (or \'\' for the '
                      f'checkpoint\'s), got {config.teacher.dtype!r}')
@@ -249,6 +261,7 @@ def make_small(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.log_steps = 2
   c.optimizer.warmup_steps = 2
   c.progress_bar = False
+  c.monitor.probe = False   # smoke runs are mostly compile time; the probe would add two programs
   return c
 
 

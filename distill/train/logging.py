@@ -93,6 +93,13 @@ class MetricsWriter:
   def _wandb_dir(self) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(self.path)), 'wandb')
 
+  def records(self) -> list[dict]:
+    """The lines metrics.jsonl holds (after a resume: those up to the resumed step)."""
+    if not self.is_writer or not os.path.exists(self.path):
+      return []
+    with open(self.path) as f:
+      return [json.loads(line) for line in f if line.strip()]
+
   def written_at(self, step: int) -> dict:
     """Every metric written for `step` so far (train values, eval values)."""
     return dict(self._written) if step == self._written_step else {}

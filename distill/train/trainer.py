@@ -20,6 +20,7 @@ from distill.parallel import mesh as mesh_lib
 from distill.parallel import memory as memory_lib
 from distill.train import checkpoint as ckpt_lib
 from distill.train import lock as lock_lib
+from distill.train import monitor as monitor_lib
 from distill.train import nonfinite as nonfinite_lib
 from distill.train import logging as log_lib
 from distill.train import optimizer as opt_lib
@@ -66,6 +67,8 @@ def _train(config, workdir: str) -> dict:
     batches.set_state(data_state)
     start_step = int(jax.device_get(state['step']))
   writer = log_lib.MetricsWriter(workdir, config, resume_step=start_step)
+  monitor = monitor_lib.Monitor(run, method, batches, graphdef)
+  monitor.alarms.replay(writer.records())   # a resumed run's earlier logs
 
   batch_sharding = mesh_lib.batch_sharding(run.mesh)
   # Compiled on the first batch, its memory per device printed and checked before it runs.
@@ -88,6 +91,7 @@ def _train(config, workdir: str) -> dict:
         elapsed = time.perf_counter() - last_log
         values['tokens_per_s'] = len(pending) * config.data.batch_size * run.seq_len / elapsed
         values['learning_rate'] = float(opt_lib.learning_rate_schedule(config)(step))
+        values.update(monitor.at_log(step, state['params'], batch, elapsed / len(pending), values))
         writer.write(step, values)
         progress.update(step, values)
         pending, last_log = [], time.perf_counter()
