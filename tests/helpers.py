@@ -37,20 +37,27 @@ def run_cli(workdir, *args, env=None, check=True, module='distill.main', timeout
   return proc
 
 
-def run_cli_killed(workdir, *args, checkpoint_step: int, env=None, module='distill.main',
+def run_cli_killed(workdir, *args, checkpoint_step: int | None = None, when=None,
+                   delay_s: float = 0.0, poll_s: float = 0.01, env=None, module='distill.main',
                    timeout=600) -> subprocess.CompletedProcess:
-  """Starts the CLI and SIGKILLs it once checkpoint `checkpoint_step` is on disk; returncode
-  is -9 when the kill landed before the run finished."""
+  """Starts the CLI and SIGKILLs it `delay_s` seconds after checkpoint `checkpoint_step` is on
+  disk, or after `when()` first returns true (polled every `poll_s`); returncode is -9 when
+  the kill landed before the run finished."""
   cmd = [sys.executable, '-m', module, f'--workdir={workdir}', *args]
+  if when is None:
+    # Orbax renames a step's directory into place once the step is complete.
+    target = os.path.join(workdir, 'checkpoints', str(checkpoint_step))
+    when = lambda: os.path.isdir(target)
   # Files, not pipes: nothing reads a pipe while this polls, and a full one would block.
   out, err = tempfile.TemporaryFile('w+'), tempfile.TemporaryFile('w+')
   proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env(env), stdout=out,
                           stderr=err, text=True)
-  # Orbax renames a step's directory into place once the step is complete.
-  target = os.path.join(workdir, 'checkpoints', str(checkpoint_step))
   deadline = time.monotonic() + timeout
-  while proc.poll() is None and not os.path.isdir(target) and time.monotonic() < deadline:
-    time.sleep(0.01)
+  while proc.poll() is None and not when() and time.monotonic() < deadline:
+    time.sleep(poll_s)
+  kill_at = time.monotonic() + delay_s
+  while proc.poll() is None and time.monotonic() < kill_at:
+    time.sleep(min(poll_s, delay_s))
   if proc.poll() is None:
     proc.send_signal(signal.SIGKILL)
   proc.wait()
@@ -63,6 +70,28 @@ def run_cli_killed(workdir, *args, checkpoint_step: int, env=None, module='disti
 def read_metrics(workdir) -> list[dict]:
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def truncate_half(path):
+  """Damage as a write killed half-way leaves it."""
+  with open(path, 'r+b') as f:
+    f.truncate(os.path.getsize(path) // 2)
+
+
+def flip_middle_byte(path):
+  """Damage no size check sees: the middle byte inverted."""
+  with open(path, 'r+b') as f:
+    f.seek(os.path.getsize(path) // 2)
+    byte = f.read(1)
+    f.seek(-1, 1)
+    f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def largest_file(directory):
+  """The largest file under `directory` but its checksum record (an array's data)."""
+  files = [os.path.join(r, n) for r, _, names in os.walk(directory) for n in names
+           if n != 'checksums.json']
+  return max(files, key=os.path.getsize)
 
 
 def small_config(module, arg='small'):

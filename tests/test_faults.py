@@ -11,7 +11,8 @@ import pytest
 
 from distill.train import lock as lock_lib
 from distill.train import trainer
-from tests.helpers import REPO, run_cli, small_config
+from tests.helpers import (REPO, flip_middle_byte, largest_file, run_cli, small_config,
+                           truncate_half)
 
 STUDENT = '--config=configs/arithmetic_student.py:small,scratch'
 
@@ -113,26 +114,7 @@ def test_nonfinite_skip_keeps_the_state_and_counts_the_steps(tmp_path):
 # ---------------------------------------------------------------------- torn or corrupt state
 
 
-def _truncate(path):
-  with open(path, 'r+b') as f:
-    f.truncate(os.path.getsize(path) // 2)
-
-
-def _flip_byte(path):
-  with open(path, 'r+b') as f:
-    f.seek(os.path.getsize(path) // 2)
-    byte = f.read(1)
-    f.seek(-1, 1)
-    f.write(bytes([byte[0] ^ 0xFF]))
-
-
-def _largest_file(directory):
-  files = [os.path.join(r, n) for r, _, names in os.walk(directory) for n in names
-           if n != 'checksums.json']
-  return max(files, key=os.path.getsize)
-
-
-@pytest.mark.parametrize('damage', [_truncate, _flip_byte, os.remove])
+@pytest.mark.parametrize('damage', [truncate_half, flip_middle_byte, os.remove])
 def test_torn_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, damage):
   """Orbax reads a flipped byte of array data as a valid value: the recorded checksums catch
   it, as they catch truncation and a missing file."""
@@ -145,7 +127,7 @@ def test_torn_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, damage)
   for step in (1, 2):
     checkpointer.save(step, dict(state, w=state['w'] * step, step=jnp.int32(step)), {'at': step})
   checkpointer.close()
-  broken = _largest_file(tmp_path / 'checkpoints' / '2')   # the array data
+  broken = largest_file(tmp_path / 'checkpoints' / '2')   # the array data
   damage(broken)
   checkpointer = ckpt_lib.Checkpointer(str(tmp_path), {'run': 1})
   with pytest.warns(UserWarning, match=r'checkpoint step 2 is torn or corrupt.*' +
@@ -171,8 +153,8 @@ def test_torn_cache_shards_are_computed_again_and_a_torn_manifest_refused(tmp_pa
   write = lambda: teacher_cache.write(directory, {'kind': 'test'}, num_rows=12,
                                       rows_per_shard=4, produce=produce, label='t')
   write()
-  _flip_byte(os.path.join(directory, 'shard-00001', 'x.npy'))
-  _truncate(os.path.join(directory, 'shard-00002', 'x.npy'))
+  flip_middle_byte(os.path.join(directory, 'shard-00001', 'x.npy'))
+  truncate_half(os.path.join(directory, 'shard-00002', 'x.npy'))
   calls.clear()
   with pytest.warns(UserWarning, match='shard-00001 is torn or corrupt') as warned:
     assert write()['complete']
@@ -180,12 +162,12 @@ def test_torn_cache_shards_are_computed_again_and_a_torn_manifest_refused(tmp_pa
   source = teacher_cache.RowSource(directory, {'kind': 'test'})
   np.testing.assert_array_equal(np.stack([source[i]['x'] for i in range(12)]),
                                 np.arange(600, dtype=np.float32).reshape(12, 50))
-  _truncate(os.path.join(directory, 'manifest.json'))
+  truncate_half(os.path.join(directory, 'manifest.json'))
   with pytest.raises(ValueError, match=r'manifest.json is unreadable .*delete the folder'):
     write()
 
 
-@pytest.mark.parametrize('damage', [_truncate, _flip_byte])
+@pytest.mark.parametrize('damage', [truncate_half, flip_middle_byte])
 def test_torn_sweep_records_are_not_finished_runs_and_are_kept(tmp_path, damage):
   """A run killed while writing config.json or final_metrics.json is trained again (resumed),
   not skipped or read; so is one killed between final_metrics.json and its params export."""
@@ -222,6 +204,24 @@ def test_torn_sweep_records_are_not_finished_runs_and_are_kept(tmp_path, damage)
       f.write(intact)
   os.remove(os.path.join(second.workdir, teacher_lib.MODEL_FILE))   # killed mid-export
   assert [r.state() for r in plan.runs] == ['finished', 'interrupted']
+
+
+def test_resumed_metrics_drop_later_final_and_torn_lines(tmp_path):
+  """A run resumed at its last step logs its final evaluation again: the old one goes, as
+  does a last line a kill cut short; a bad line before the end is an error naming it."""
+  import json
+  from distill.train import logging as log_lib
+  rows = [{'step': 2, 'loss': 3.0}, {'step': 4, 'loss': 2.0}, {'step': 4, 'final/ce': 1.5},
+          {'step': 6, 'loss': 1.0}]
+  path = tmp_path / 'metrics.jsonl'
+  path.write_text(''.join(json.dumps(r) + '\n' for r in rows) + '{"step": 6, "lo')
+  config = small_config('arithmetic_student', 'small,scratch')
+  with pytest.warns(UserWarning, match='dropped its torn last line'):
+    log_lib.MetricsWriter(str(tmp_path), config, resume_step=4)
+  assert [json.loads(line) for line in path.read_text().splitlines()] == rows[:2]
+  path.write_text('{"step": 1, "lo\n{"step": 2}\n')
+  with pytest.raises(ValueError, match=r'metrics.jsonl: line 1 is not JSON'):
+    log_lib.MetricsWriter(str(tmp_path), config, resume_step=4)
 
 
 # ---------------------------------------------------------------------- disk

@@ -56,12 +56,23 @@ class MetricsWriter:
     self._wandb = _start_wandb(workdir, config)
 
   def _truncate_after(self, step: int):
-    """On resume, drops lines logged after the checkpoint (they will be logged again)."""
+    """On resume, drops lines logged after the checkpoint (they will be logged again): those
+    of later steps and the final evaluation's (logged after the last checkpoint), and a last
+    line a killed run left half-written."""
     if not os.path.exists(self.path):
       return
     with open(self.path) as f:
       lines = [line for line in f if line.strip()]
-    kept = [line for line in lines if json.loads(line).get('step', 0) <= step]
+    records = []
+    for i, line in enumerate(lines):
+      try:
+        records.append(json.loads(line))
+      except ValueError as e:
+        if i < len(lines) - 1:
+          raise ValueError(f'{self.path}: line {i + 1} is not JSON ({e})') from None
+        warnings.warn(f'{self.path}: dropped its torn last line {line.strip()[:80]!r}')
+    kept = [line for line, r in zip(lines, records)
+            if r.get('step', 0) <= step and not any(k.startswith('final/') for k in r)]
     if len(kept) != len(lines):
       tmp = self.path + '.tmp'
       with open(tmp, 'w') as f:
