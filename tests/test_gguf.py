@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from safetensors.numpy import load_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 import distill  # noqa: F401  (flax config)
 from distill import convert
@@ -761,3 +761,88 @@ def test_llama_cpp_runs_gemma_phi3_and_yarn(name, tolerance, tmp_path):
     llm.eval(tokens_T.tolist())
     np.testing.assert_allclose(np.asarray(llm.scores[:len(tokens_T)]), want_TxV,
                                atol=tolerance, rtol=0)
+
+
+# ---- SentencePiece-style vocabularies (Gemma, Llama 2, Phi-3-mini) ------------------------------
+
+SPM_SPECIALS = ['<pad>', '<eos>', '<bos>', '<unk>']
+SPM_TEXTS = ['the cat sat on the mat', ' two  spaces', 'héllo wörld €', 'numbers123 and then',
+             'the<eos>cat']
+
+
+def spm_tokenizer(folder, prefix):
+  """A tiny byte-fallback BPE tokenizer.json as SentencePiece models convert to: spaces as '▁'
+  (and one before the text when `prefix`, Llama 2 style; Gemma has none), <0xNN> byte tokens in
+  the vocabulary after the specials."""
+  tok = Tokenizer(models.BPE(byte_fallback=True, unk_token='<unk>', fuse_unk=True))
+  tok.normalizer = normalizers.Sequence([normalizers.Prepend('▁')] * prefix +
+                                        [normalizers.Replace(' ', '▁')])
+  tok.decoder = decoders.Sequence([decoders.Replace('▁', ' '), decoders.ByteFallback(),
+                                   decoders.Fuse()] + [decoders.Strip(' ', 1, 0)] * prefix)
+  words = 'the cat sat on a mat and then it ran to see what was there while we read'.split()
+  rng = np.random.default_rng(0)
+  tok.train_from_iterator([' '.join(rng.choice(words, 8)) for _ in range(200)],
+                          trainers.BpeTrainer(vocab_size=330, special_tokens=SPM_SPECIALS,
+                                              show_progress=False))
+  spec = json.loads(tok.to_str())
+  learned = sorted((i, t) for t, i in spec['model']['vocab'].items() if t not in SPM_SPECIALS)
+  spec['model']['vocab'] = {t: i for i, t in enumerate(
+      SPM_SPECIALS + [f'<0x{b:02X}>' for b in range(256)] + [t for _, t in learned])}
+  os.makedirs(folder)
+  (folder / 'tokenizer.json').write_text(json.dumps(spec, ensure_ascii=False))
+  (folder / 'tokenizer_config.json').write_text(json.dumps(
+      {'bos_token': '<bos>', 'eos_token': '<eos>', 'pad_token': '<pad>', 'unk_token': '<unk>'}))
+  return HFTokenizer(str(folder)), spec
+
+
+@pytest.mark.parametrize('prefix', [False, True])
+def test_sentencepiece_style_vocabulary(tmp_path, prefix):
+  """Written as llama.cpp's 'llama' vocabulary: byte tokens typed BYTE, the unknown token
+  UNKNOWN, a score per token that ranks merges as tokenizer.json does, add_space_prefix from the
+  normaliser."""
+  tokenizer, spec = spm_tokenizer(tmp_path / 'tok', prefix)
+  model = random_model(ModelConfig(vocab_size=tokenizer.vocab_size + 2, d_model=32, n_layers=1,
+                                   n_heads=2, n_kv_heads=2, d_ff=64))
+  path = str(tmp_path / 'm.gguf')
+  gguf_export.export_gguf(model, path, tokenizer=tokenizer, file_type='f32')
+  reader = gguf.GGUFReader(path)
+  assert (field(reader, 'tokenizer.ggml.model'), field(reader, 'tokenizer.ggml.pre')) == (
+      'llama', 'default')
+  assert field(reader, 'tokenizer.ggml.add_space_prefix') == prefix
+  assert field(reader, 'tokenizer.ggml.unknown_token_id') == 3
+  types = field(reader, 'tokenizer.ggml.token_type')
+  T = gguf.TokenType
+  assert types[:4] == [T.CONTROL, T.CONTROL, T.CONTROL, T.UNKNOWN]
+  assert types[4:260] == [T.BYTE] * 256 and set(types[260:-2]) == {T.NORMAL}
+  assert types[-2:] == [T.USER_DEFINED] * 2          # the model's ids beyond the tokenizer
+  scores = field(reader, 'tokenizer.ggml.scores')
+  vocab = spec['model']['vocab']
+  for rank, merge in enumerate(spec['model']['merges'][:50]):
+    joined = ''.join(merge.split(' ') if isinstance(merge, str) else merge)
+    assert scores[vocab[joined]] >= -rank     # made by this merge or an earlier one
+  assert 'tokenizer.ggml.merges' not in reader.fields
+
+
+@pytest.mark.parametrize('prefix', [False, True])
+def test_llama_cpp_tokenizes_sentencepiece_style_exports(tmp_path, prefix):
+  """The real llama.cpp (llama-cpp-python, optional) gives the tokenizer's ids, byte fallback
+  (characters outside the vocabulary) and special tokens in the text included."""
+  llama_cpp = pytest.importorskip('llama_cpp')
+  tokenizer, _ = spm_tokenizer(tmp_path / 'tok', prefix)
+  model = random_model(ModelConfig(vocab_size=tokenizer.vocab_size, d_model=32, n_layers=1,
+                                   n_heads=2, n_kv_heads=2, d_ff=64))
+  path = str(tmp_path / 'm.gguf')
+  gguf_export.export_gguf(model, path, tokenizer=tokenizer, file_type='f32')
+  llm = llama_cpp.Llama(model_path=path, n_ctx=16, n_threads=1, verbose=False, vocab_only=True)
+  for text in SPM_TEXTS:
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == tokenizer.encode(text), text
+
+
+def test_byte_fallback_tokenizer_without_sentencepiece_spaces_refused(tmp_path):
+  tokenizer, spec = spm_tokenizer(tmp_path / 'tok', prefix=False)
+  spec['normalizer'] = None
+  (tmp_path / 'tok' / 'tokenizer.json').write_text(json.dumps(spec, ensure_ascii=False))
+  model = random_model(ModelConfig(vocab_size=tokenizer.vocab_size, d_model=32, n_layers=1,
+                                   n_heads=2, n_kv_heads=2, d_ff=64))
+  with pytest.raises(ValueError, match="exports as SentencePiece only when it writes spaces as"):
+    gguf_export.export_gguf(model, str(tmp_path / 'm.gguf'), tokenizer=str(tmp_path / 'tok'))

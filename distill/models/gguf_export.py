@@ -6,13 +6,16 @@ model options it computes) is distill.models.gguf_arch; this module writes the f
 * Types. 1-D tensors (norms, biases) stay F32. 2-D weights follow llama-quantize's per-tensor mix
   for the file type (`tensor_type`), quantised by distill.models.gguf_quants to the bytes
   llama.cpp's reference quantizer writes.
-* The vocabulary is written as llama.cpp's 'gpt2' (byte-level BPE) tokenizer: tokens, types,
-  merges, special ids and the chat template, with ids the model has beyond the tokenizer written
-  as '[PAD{i}]' (as the converter does). llama.cpp does not run tokenizer.json's pre-tokenizer; it
-  picks a built-in one by the name in tokenizer.ggml.pre, which is recognised here from the split
-  regex (Llama 3 'llama-bpe', Qwen2/2.5/3 'qwen2', plain byte-level 'gpt-2') or given explicitly.
-  The embedded tasks' CharTokenizer is written the same way, one token per character and no merge
-  that applies (`_char_vocab`).
+* The vocabulary: a byte-level BPE tokenizer.json (GPT-2 / Llama 3 / Qwen) is written as
+  llama.cpp's 'gpt2' tokenizer: tokens, types, merges, special ids and the chat template, with
+  ids the model has beyond the tokenizer written as '[PAD{i}]' (as the converter does). llama.cpp
+  does not run tokenizer.json's pre-tokenizer; it picks a built-in one by the name in
+  tokenizer.ggml.pre, which is recognised here from the split regex (Llama 3 'llama-bpe',
+  Qwen2/2.5/3 'qwen2', plain byte-level 'gpt-2') or given explicitly. A SentencePiece-style BPE
+  with byte fallback (Gemma, Llama 2, Phi-3-mini) is written as llama.cpp's 'llama' tokenizer,
+  scores ranking merges as tokenizer.json does (`_spm_vocab`). The embedded tasks'
+  CharTokenizer is written as 'gpt2', one token per character and no merge that applies
+  (`_char_vocab`).
 * Lineage: a provenance record (distill.provenance) goes into general.* keys and, whole, into the
   string key `distill.provenance` (JSON).
 Run the file with e.g. `llama-cli -m student.gguf -cnv` (the chat template is in the file).
@@ -143,29 +146,79 @@ def _pre_tokenizer_name(pre_tokenizer: dict) -> str:
 
 
 class _Vocab(NamedTuple):
-  """A vocabulary as llama.cpp's 'gpt2' tokenizer reads it."""
+  """A vocabulary as llama.cpp's 'gpt2' (byte-level BPE) or 'llama' (SentencePiece) tokenizer
+  reads it."""
   token_by_id: dict[int, str]
   control_ids: set[int]
   user_defined_ids: set[int]
-  merges: list[str]
+  merges: list[str]             # 'gpt2' only
   pre: str                      # llama.cpp's pre-tokenizer name
+  model: str = 'gpt2'
+  scores: dict[int, float] | None = None      # 'llama': merge priority (higher first)
+  add_space_prefix: bool = False              # 'llama': a '▁' before the text
+  unk_id: int | None = None
+
+
+_BYTE_TOKEN = re.compile(r'<0x[0-9A-Fa-f]{2}>')
+_SPM_SPACE = '\u2581'   # '▁', SentencePiece's spelling of a space
 
 
 def _hf_vocab(tokenizer) -> _Vocab:
-  """The vocabulary of a byte-level BPE HFTokenizer."""
+  """The vocabulary of an HFTokenizer: byte-level BPE (GPT-2 / Llama 3 / Qwen style) as 'gpt2',
+  SentencePiece-style BPE with byte fallback (Gemma, Llama 2, Phi-3-mini) as 'llama'."""
   spec = json.loads(tokenizer.tokenizer.to_str())
   model = spec.get('model') or {}
-  if model.get('type') != 'BPE' or model.get('byte_fallback') or \
-      (spec.get('decoder') or {}).get('type') != 'ByteLevel':
-    raise ValueError(f'only byte-level BPE tokenizers (GPT-2 / Llama 3 / Qwen style) export to '
-                     f'GGUF; {tokenizer.folder!r} has model {model.get("type")!r}, decoder '
-                     f'{(spec.get("decoder") or {}).get("type")!r}')
+  decoder = (spec.get('decoder') or {}).get('type')
+  if model.get('type') == 'BPE' and model.get('byte_fallback'):
+    return _spm_vocab(tokenizer, spec)
+  if model.get('type') != 'BPE' or decoder != 'ByteLevel':
+    raise ValueError(f'only byte-level BPE tokenizers (GPT-2 / Llama 3 / Qwen style) and '
+                     f'SentencePiece-style BPE with byte fallback (Gemma / Llama 2 style) export '
+                     f'to GGUF; {tokenizer.folder!r} has model {model.get("type")!r}, decoder '
+                     f'{decoder!r}')
   by_id = {i: t for t, i in tokenizer.tokenizer.get_vocab(with_added_tokens=True).items()}
   added = tokenizer.tokenizer.get_added_tokens_decoder()
   control = {i for i, t in added.items() if t.special}
   merges = [m if isinstance(m, str) else ' '.join(m) for m in model.get('merges', [])]
   return _Vocab(by_id, control, set(added) - control, merges,
                 _pre_tokenizer_name(spec.get('pre_tokenizer') or {}))
+
+
+def _spm_vocab(tokenizer, spec: dict) -> _Vocab:
+  """A SentencePiece-style BPE tokenizer.json as llama.cpp's 'llama' vocabulary.
+
+  llama.cpp's SentencePiece tokenizer writes spaces as '▁' (with one more before the text when
+  add_space_prefix), splits into characters and repeatedly joins the neighbouring pair whose
+  join is a token with the highest score, leftmost first; pieces left outside the vocabulary
+  become their UTF-8 bytes' <0xNN> tokens. tokenizer.json's BPE joins the pair of lowest merge
+  rank, so a token's score is minus the rank of the merge that first makes it (tokens no merge
+  makes score below all of them).
+  """
+  parts = [spec.get('normalizer') or {}, spec.get('pre_tokenizer') or {}]
+  parts += [p for part in list(parts) for p in part.get('normalizers', part.get(
+      'pretokenizers', []))]
+  spaces = any(p.get('type') == 'Metaspace' or (p.get('type') == 'Replace' and p.get(
+      'content') == _SPM_SPACE) for p in parts)
+  if not spaces:
+    raise ValueError(f'{tokenizer.folder!r}: a byte-fallback BPE tokenizer exports as '
+                     f"SentencePiece only when it writes spaces as '{_SPM_SPACE}' (a Replace "
+                     'normalizer or a Metaspace pre-tokenizer), as llama.cpp does')
+  prefix = any((p.get('type') == 'Prepend' and p.get('prepend') == _SPM_SPACE) or (
+      p.get('type') == 'Metaspace' and p.get('prepend_scheme', 'always') != 'never'
+      and p.get('add_prefix_space', True)) for p in parts)
+  by_id = {i: t for t, i in tokenizer.tokenizer.get_vocab(with_added_tokens=True).items()}
+  vocab = {t: i for i, t in by_id.items()}
+  merges = [m.split(' ') if isinstance(m, str) else m for m in spec['model'].get('merges', [])]
+  scores = dict.fromkeys(by_id, -float(len(merges)))
+  for rank in range(len(merges) - 1, -1, -1):   # the first merge making a token wins
+    joined = ''.join(merges[rank])
+    if joined in vocab:
+      scores[vocab[joined]] = -float(rank)
+  added = tokenizer.tokenizer.get_added_tokens_decoder()
+  control = {i for i, t in added.items() if t.special}
+  unk = spec['model'].get('unk_token')
+  return _Vocab(by_id, control, set(added) - control, [], 'default', 'llama', scores, prefix,
+                vocab.get(unk) if unk else None)
 
 
 def _char_vocab(tokenizer: CharTokenizer) -> _Vocab:
@@ -189,21 +242,35 @@ def _char_vocab(tokenizer: CharTokenizer) -> _Vocab:
                 [f'{PAD} {EOS}'], 'default')
 
 
+def _token_type(i: int, vocab: _Vocab) -> gguf.TokenType:
+  if i not in vocab.token_by_id:
+    return gguf.TokenType.USER_DEFINED
+  if vocab.model == 'llama':   # byte and unknown tokens first: llama.cpp decodes them so
+    if _BYTE_TOKEN.fullmatch(vocab.token_by_id[i]):
+      return gguf.TokenType.BYTE
+    if i == vocab.unk_id:
+      return gguf.TokenType.UNKNOWN
+  if i in vocab.user_defined_ids:
+    return gguf.TokenType.USER_DEFINED
+  return gguf.TokenType.CONTROL if i in vocab.control_ids else gguf.TokenType.NORMAL
+
+
 def _tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer, vocab_size: int, pre: str | None):
   if tokenizer.vocab_size > vocab_size:
     raise ValueError(f'tokenizer has {tokenizer.vocab_size} tokens, the model only {vocab_size}')
   vocab = _char_vocab(tokenizer) if isinstance(tokenizer, CharTokenizer) else _hf_vocab(tokenizer)
-  tokens, types = [], []
-  for i in range(vocab_size):
-    tokens.append(vocab.token_by_id.get(i, f'[PAD{i}]'))
-    types.append(gguf.TokenType.USER_DEFINED
-                 if i not in vocab.token_by_id or i in vocab.user_defined_ids else
-                 gguf.TokenType.CONTROL if i in vocab.control_ids else gguf.TokenType.NORMAL)
-  writer.add_tokenizer_model('gpt2')
+  writer.add_tokenizer_model(vocab.model)
   writer.add_tokenizer_pre(pre or vocab.pre)
-  writer.add_token_list(tokens)
-  writer.add_token_types(types)
-  writer.add_token_merges(vocab.merges)
+  writer.add_token_list([vocab.token_by_id.get(i, f'[PAD{i}]') for i in range(vocab_size)])
+  writer.add_token_types([_token_type(i, vocab) for i in range(vocab_size)])
+  if vocab.model == 'llama':
+    lowest = min(vocab.scores.values(), default=0.0)
+    writer.add_token_scores([vocab.scores.get(i, lowest) for i in range(vocab_size)])
+    writer.add_add_space_prefix(vocab.add_space_prefix)
+    if vocab.unk_id is not None:
+      writer.add_unk_token_id(vocab.unk_id)
+  else:
+    writer.add_token_merges(vocab.merges)
   writer.add_bos_token_id(tokenizer.bos_id)
   writer.add_eos_token_id(tokenizer.eos_id)
   writer.add_pad_token_id(tokenizer.pad_id)
@@ -238,7 +305,8 @@ def export_gguf(model, path: str, *, tokenizer=None, file_type: str = 'f16',
 
   file_type: a FILE_TYPES name, any case; matrices get llama-quantize's mix (`tensor_type`), and
   each one that falls back to another type for its row length raises a TypeFallbackWarning.
-  tokenizer: an HFTokenizer or HF tokenizer folder (byte-level BPE), or a CharTokenizer; without
+  tokenizer: an HFTokenizer or HF tokenizer folder (byte-level BPE, or BPE with byte fallback as
+  SentencePiece models convert to), or a CharTokenizer; without
   one the file holds no vocabulary (tokenizer.ggml.model 'none') and llama.cpp cannot tokenize
   text for it.
   arch: one of gguf_arch.ARCHS; None picks gemma3 / gemma2 for Gemma models (with / without q/k
