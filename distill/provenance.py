@@ -174,10 +174,11 @@ def summary(record: dict) -> str:
   teacher = record.get('teacher') or {}
   method = record.get('method') or {}
   data = ', '.join(d.get('task', '?') for d in record.get('data') or ())
-  origin = (f'distilled from {teacher.get("name")} ({teacher.get("fingerprint")})'
-            if teacher else f'trained as {record.get("role")} without a teacher')
-  return (f'{origin} by {method.get("algorithm")} / {method.get("divergence")} on {data} '
-          f'(distill {record.get("project", {}).get("version")})')
+  version = f'(distill {record.get("project", {}).get("version")})'
+  if not teacher:
+    return f'trained on {data} without a teacher, as {record.get("role")} {version}'
+  return (f'distilled from {teacher.get("name")} ({teacher.get("fingerprint")}) by '
+          f'{method.get("algorithm")} / {method.get("divergence")} on {data} {version}')
 
 
 # ---- the model card ----------------------------------------------------------------------------

@@ -113,3 +113,16 @@ def test_no_record_where_there_is_none(tmp_path):
   path = str(tmp_path / 'plain.gguf')
   assert convert.main(['to-gguf', '--src', llama, '--out', path, '--type', 'f32']) == 0
   assert provenance.read(path) is None
+
+
+def test_summary_of_a_run_without_teacher(tmp_path):
+  config = json.loads(config_lib.base_config().to_json_best_effort())
+  config['role'] = 'teacher'
+  record = provenance.build(config)
+  assert record['teacher'] is None
+  assert record['summary'] == ('trained on arithmetic without a teacher, as teacher (distill '
+                               f'{provenance.project_version()})')
+  # The embedded tasks are generated: their definition is their fingerprint.
+  assert record['data'][0]['files'] == [] and record['data'][0]['fingerprint'].startswith('sha256')
+  card = provenance.model_card(record, 'teacher-run')
+  assert 'base_model' not in card and provenance.CARD_BEGIN in card
