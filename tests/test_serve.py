@@ -14,6 +14,7 @@ import requests
 
 from distill.algorithms import topk
 from distill.data import teacher_cache
+from distill.serve.batcher import ScoreBatcher
 from distill.serve.engine import Engine
 from distill.serve.http import TeacherServer
 from distill.teacher_client import (MalformedResponse, TeacherClient, TeacherServerError,
@@ -236,3 +237,33 @@ def test_a_malformed_response_names_the_field(position, problem):
   finally:
     canned.shutdown()
     canned.server_close()
+
+
+def test_concurrent_requests_share_one_forward_pass(engine):
+  """Server-side batching: requests arriving together are scored in one call at the largest
+  k, each answered with its own rows and k."""
+  batcher = ScoreBatcher(engine._score_now, max_rows=64, wait_s=0.5)
+  asks = [([[5, 9, 3, 7], [4, 4]], 3), ([[6, 8, 10, 12, 14, 3]], 5), ([[7, 5]], 1)]
+  answers = [None] * len(asks)
+
+  def ask(i):
+    answers[i] = batcher.score(*asks[i])
+  threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(asks))]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join(60)
+  assert batcher.batches_run == 1
+  # The reference: all the prompts in one call at the largest k (the batch's own shape, so
+  # nothing more to compile), each request's rows and k cut out of it.
+  every = engine.score([p for prompts, _ in asks for p in prompts], 5)
+  first = 0
+  for (prompts, k), answer in zip(asks, answers):
+    rows = slice(first, first + len(prompts))
+    first = rows.stop
+    for field in ('topk_ids', 'topk_logprobs'):
+      for got, want in zip(getattr(answer, field), getattr(every, field)[rows]):
+        np.testing.assert_array_equal(got, want[:, :k])
+    for field in ('token_logprobs', 'token_ranks'):
+      for got, want in zip(getattr(answer, field), getattr(every, field)[rows]):
+        np.testing.assert_array_equal(got, want)

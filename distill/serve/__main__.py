@@ -27,6 +27,9 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument('--max-logprobs', type=int, default=20,
                  help="largest k of logprobs / prompt_logprobs (-1: the vocabulary; vLLM's default is 20)")
   p.add_argument('--max-batch-size', type=int, default=64, help='rows per forward pass')
+  p.add_argument('--batch-wait-ms', type=float, default=5.0,
+                 help='scoring requests arriving within this many ms share a forward pass '
+                      '(0: each request alone)')
   p.add_argument('--max-requests', type=int, default=0,
                  help='stop after this many completions (0: serve until killed)')
   p.add_argument('--verbose', action='store_true', help='log every request')
@@ -35,7 +38,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
   args = parser().parse_args(argv)
-  engine = Engine(args.model, tokenizer=args.tokenizer, max_batch_size=args.max_batch_size)
+  engine = Engine(args.model, tokenizer=args.tokenizer, max_batch_size=args.max_batch_size,
+                  batch_wait_ms=args.batch_wait_ms)
   server = TeacherServer(engine, host=args.host, port=args.port,
                          served_name=args.served_model_name or args.model, root=args.model,
                          max_logprobs=args.max_logprobs, max_requests=args.max_requests,

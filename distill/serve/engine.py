@@ -9,7 +9,8 @@ vLLM reports them by default, whatever the sampling parameters.
 
 Batch and length are rounded up to buckets (powers of two rows, multiples of LENGTH_BUCKET
 tokens) so a server compiles a handful of shapes, not one per request. One lock serialises
-device work: concurrent requests queue on it.
+device work. With batch_wait_ms > 0, scoring requests that arrive within that many
+milliseconds of each other share one forward pass (distill.serve.batcher).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from distill.data import teacher_cache
 from distill.data.hf_tokenizer import HFTokenizer
 from distill.data.tokenizer import CharTokenizer
 from distill.parallel import mesh as mesh_lib
+from distill.serve.batcher import ScoreBatcher
 from distill.train import teacher as teacher_lib
 
 LENGTH_BUCKET = 32
@@ -72,7 +74,8 @@ class Scores:
 class Engine:
   """A loaded teacher and its jitted functions (one device: a server process per chip)."""
 
-  def __init__(self, model_dir: str, *, tokenizer: str | None = None, max_batch_size: int = 64):
+  def __init__(self, model_dir: str, *, tokenizer: str | None = None, max_batch_size: int = 64,
+               batch_wait_ms: float = 0.0):
     mesh = mesh_lib.make_mesh(ml_collections.ConfigDict({'data': 1, 'fsdp': 1, 'tensor': 1}),
                               devices=jax.devices()[:1])
     self.graphdef, self.params, self.model_config = teacher_lib.load_exported(model_dir, mesh)
@@ -90,6 +93,8 @@ class Engine:
     self.lock = threading.Lock()
     self._score = jax.jit(self._score_fn, static_argnames='k')
     self._generate = {}   # SamplingConfig -> jitted generate
+    self.batcher = (ScoreBatcher(self._score_now, max_rows=max_batch_size,
+                                 wait_s=batch_wait_ms / 1000) if batch_wait_ms > 0 else None)
 
   # ---------------------------------------------------------------- scoring
 
@@ -102,7 +107,13 @@ class Engine:
     return top_ids.astype(jnp.int32), top_lp, token_lp[..., 0], rank.astype(jnp.int32)
 
   def score(self, prompts: list[list[int]], k: int) -> Scores:
-    """Top-k (k >= 1) of every position of every prompt (each at least 1 token long)."""
+    """Top-k (k >= 1) of every position of every prompt (each at least 1 token long); with
+    batching, in one forward pass with the other requests of the moment."""
+    if self.batcher is not None:
+      return self.batcher.score(prompts, k)
+    return self._score_now(prompts, k)
+
+  def _score_now(self, prompts: list[list[int]], k: int) -> Scores:
     out = Scores([], [], [], [])
     for first in range(0, len(prompts), self.max_batch_size):
       chunk = prompts[first:first + self.max_batch_size]
