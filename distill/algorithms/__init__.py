@@ -18,6 +18,8 @@ Built-in methods (rows hook × objective hook):
                   config.loss
   minillm         teacher-mixed samples × MiniLLM's policy gradient
   onpolicy_rkl    the student's samples × per-token reverse-KL policy gradient
+  cross_tokenizer dataset rows also in the teacher's own tokenizer (config.teacher.tokenizer)
+                  × ULD or GOLD-style shared-span losses
 
 A researcher's own method needs no edit of the package: subclass `Rows` and/or `Objective`
 (distill.algorithms.hooks), `register('name', rows=..., objective=...)` in a file, and run
@@ -28,8 +30,8 @@ from __future__ import annotations
 
 import difflib
 
-from distill.algorithms import (distillm, gkd, hidden_kd, minillm, policy_gradient, rollout,
-                                seqkd, skd, taid, topk)
+from distill.algorithms import (cross_tokenizer, distillm, gkd, hidden_kd, minillm,
+                                policy_gradient, rollout, seqkd, skd, taid, topk)
 from distill.algorithms.divergence import Divergence
 from distill.algorithms.hooks import Drawn, Objective, Rows, StepInputs
 from distill.algorithms.method import Method, MethodSpec
@@ -49,6 +51,8 @@ _BUILT_IN = (
     MethodSpec('skd', skd.InterleavedRows, Divergence),
     MethodSpec('minillm', minillm.TeacherMixedRows, minillm.MiniLLMObjective),
     MethodSpec('onpolicy_rkl', rollout.StudentSamples, policy_gradient.ReverseKLPerToken),
+    MethodSpec('cross_tokenizer', cross_tokenizer.TeacherTokenRows,
+               cross_tokenizer.CrossTokenizer),
 )
 _METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in _BUILT_IN}
 

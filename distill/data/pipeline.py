@@ -15,6 +15,7 @@ input_mask int32 [B,T], loss_mask float32 [B,T]. `batch_size` is per process.
 import grain
 import numpy as np
 
+from distill.data import cross_tokenizer
 from distill.data.tokenizer import CharTokenizer
 
 Example = dict[str, np.ndarray]
@@ -60,6 +61,27 @@ def encode_example(tokenizer: CharTokenizer, prompt: str, completion: str, *,
               input_mask=input_mask_T, loss_mask=loss_mask_T)
 
 
+def teacher_fields(student: Example, tokenizer, teacher_tokenizer, prompt: str,
+                   completion: str, *, prompt_len: int, completion_len: int,
+                   name: str = 'example') -> Example:
+  """For a teacher with its own tokenizer, beside the student's row `student`: the row in the
+  teacher's ids (same layout and lengths, fields prefixed 'teacher_') and the text spans both
+  tokenizations share (distill.data.cross_tokenizer): 'span_ids' at the student's target
+  columns, 'teacher_span_ids' at the teacher's, −1 elsewhere."""
+  lengths = dict(prompt_len=prompt_len, completion_len=completion_len)
+  teacher = encode_example(teacher_tokenizer, prompt, completion,
+                           name=f'{name} (teacher tokenizer)', **lengths)
+  try:
+    student_spans, teacher_spans, _ = cross_tokenizer.target_spans(
+        tokenizer, teacher_tokenizer, tokenizer.encode(completion),
+        teacher_tokenizer.encode(completion), completion)
+  except ValueError as e:
+    raise ValueError(f'{name}: {e}') from None
+  return {**{f'teacher_{k}': v for k, v in teacher.items()},
+          'span_ids': cross_tokenizer.span_row(student_spans, student['loss_mask']),
+          'teacher_span_ids': cross_tokenizer.span_row(teacher_spans, teacher['loss_mask'])}
+
+
 def with_route(row: Example, route, split: str, index: int | None) -> Example:
   """row with ROUTE_FIELD from `route(split, index)` (0 for a padding row, index None);
   unchanged without a route."""
@@ -96,10 +118,12 @@ def _check_args(task, split, prompt_len, completion_len, shard_index, shard_coun
 def make_dataset(task, tokenizer: CharTokenizer, *, split: str, prompt_len: int,
                  completion_len: int, seed: int, shuffle: bool = True,
                  num_epochs: int | None = None, shard_index: int = 0,
-                 shard_count: int = 1, route=None) -> grain.MapDataset:
+                 shard_count: int = 1, teacher_tokenizer=None,
+                 route=None) -> grain.MapDataset:
   """Encoded single examples of `split`; process `shard_index` sees every
   `shard_count`-th example. Shuffling is reseeded every epoch; num_epochs=None repeats
-  forever. With a `route(split, index) -> teacher index`, rows carry ROUTE_FIELD."""
+  forever. With a `teacher_tokenizer`, rows carry `teacher_fields` too; with a
+  `route(split, index) -> teacher index`, ROUTE_FIELD."""
   _check_args(task, split, prompt_len, completion_len, shard_index, shard_count)
   ds = grain.MapDataset.range(task.num_examples(split))[shard_index::shard_count]
   if shuffle:
@@ -109,10 +133,12 @@ def make_dataset(task, tokenizer: CharTokenizer, *, split: str, prompt_len: int,
 
   def encode(index):
     prompt, completion = task.example(split, index)
-    return with_route(encode_example(tokenizer, prompt, completion, prompt_len=prompt_len,
-                                     completion_len=completion_len,
-                                     name=example_name(task, split, index)),
-                      route, split, index)
+    lengths = dict(prompt_len=prompt_len, completion_len=completion_len,
+                   name=example_name(task, split, index))
+    row = encode_example(tokenizer, prompt, completion, **lengths)
+    if teacher_tokenizer is not None:
+      row.update(teacher_fields(row, tokenizer, teacher_tokenizer, prompt, completion, **lengths))
+    return with_route(row, route, split, index)
 
   return ds.map(encode)
 

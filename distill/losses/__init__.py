@@ -6,7 +6,8 @@
 
 Modules: divergences (the registry), reductions, objective (KD + CE per token, Hinton),
 chunked (loss and gradient from hidden states without [B, T, V] logits), taid, topk,
-hidden (hidden-state KD), bench (peak-memory comparison of plain vs chunked).
+hidden (hidden-state KD), cross_tokenizer (ULD and shared-span losses between two
+tokenizers), bench (peak-memory comparison of plain vs chunked).
 """
 from distill.losses.divergences import NAMES, get, kl_from_logprobs, names, register
 from distill.losses.hidden import hidden_state_loss, init_hidden_projections
@@ -16,6 +17,7 @@ from distill.losses.taid import (taid_init, taid_loss, taid_teacher_logits, taid
                                  taid_update)
 from distill.losses.topk import teacher_topk, topk_forward_kl, topk_loss
 from distill.losses.chunked import chunk_scan, chunked_loss, plain_loss
+from distill.losses.cross_tokenizer import span_kl, span_terms, uld
 
 __all__ = [
     'NAMES', 'get', 'kl_from_logprobs', 'names', 'register', 'hidden_state_loss',
@@ -23,5 +25,5 @@ __all__ = [
     'cross_entropy', 'hinton', 'token_objective', 'MODES', 'reduce', 'sum_and_count',
     'token_weights', 'taid_init', 'taid_loss', 'taid_teacher_logits', 'taid_token_fn',
     'taid_update', 'teacher_topk', 'topk_forward_kl', 'topk_loss', 'chunk_scan', 'chunked_loss',
-    'plain_loss',
+    'plain_loss', 'span_kl', 'span_terms', 'uld',
 ]

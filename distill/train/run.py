@@ -12,7 +12,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from distill import teacher_client
+from distill import algorithms, teacher_client
+from distill.algorithms.cross_tokenizer import CrossTokenizer
 from distill.data import pipeline, tasks, teacher_cache
 from distill.data.hf_tokenizer import HFTokenizer
 from distill.data.tokenizer import CharTokenizer
@@ -36,6 +37,7 @@ class Run:
   teacher_params: Any = None
   teacher_config: ModelConfig | None = None
   teacher_server: Any = None    # distill.teacher_client.TeacherClient (config.teacher.server)
+  teacher_tokenizer: Any = None  # the teacher's own tokenizer (config.teacher.tokenizer) or None
   initial_params: Any = None    # the student's starting point (model.init_from)
   # Several teachers routed per row (config.teachers.routes): (split, index) -> the index of
   # that example's teacher, added to the rows as distill.data.pipeline.ROUTE_FIELD.
@@ -86,13 +88,15 @@ def build_run(config, workdir: str) -> Run:
   run = Run(config, workdir, tokenizer, task, mesh, model_config, initial_params=initial_params,
             rules=rules)
   if config.role == 'student':
+    run.teacher_tokenizer = teacher_tokenizer(config)
     teacher_lib.check_teachers_config(config)
   if config.role == 'student' and config.teacher.checkpoint:
     loaded = [_load_teacher(run, path, teacher_rules)
               for path in (config.teacher.checkpoint, *config.teachers.more)]
     graphdef, params, teacher_config = loaded[0]
     if config.teacher.preset and get_preset(
-        config.teacher.preset, vocab_size=tokenizer.vocab_size) != teacher_config:
+        config.teacher.preset,
+        vocab_size=(run.teacher_tokenizer or tokenizer).vocab_size) != teacher_config:
       raise ValueError(f'teacher.preset={config.teacher.preset!r} does not match the model saved in '
                        f'{config.teacher.checkpoint}: {teacher_config}')
     run.teacher_graphdef, run.teacher_params, run.teacher_config = graphdef, params, teacher_config
@@ -115,11 +119,36 @@ def _load_teacher(run: Run, checkpoint: str, rules):
   if teacher_config.max_seq_len < run.seq_len:
     raise ValueError(f'sequence length {run.seq_len} exceeds the max_seq_len '
                      f'{teacher_config.max_seq_len} of teacher {checkpoint}')
-  if teacher_config.vocab_size != run.model_config.vocab_size:
+  # Only cross-tokenizer methods (run.teacher_tokenizer set) compare unequal vocabularies.
+  if run.teacher_tokenizer is None and teacher_config.vocab_size != run.model_config.vocab_size:
     raise ValueError(f'teacher {checkpoint} vocabulary ({teacher_config.vocab_size}) != student '
                      f'vocabulary ({run.model_config.vocab_size}); distillation over logits '
-                     'needs equal vocabularies')
+                     'needs equal vocabularies (or a cross-tokenizer method: '
+                     'algorithm.name=\'cross_tokenizer\' with config.teacher.tokenizer)')
+  teacher_vocab = (run.teacher_tokenizer or run.tokenizer).vocab_size
+  if teacher_config.vocab_size < teacher_vocab:
+    raise ValueError(f'teacher {checkpoint} vocabulary ({teacher_config.vocab_size}) is smaller '
+                     f'than its tokenizer\'s ({teacher_vocab}): is config.teacher.tokenizer the '
+                     'one it was trained with?')
   return graphdef, params, teacher_config
+
+
+def teacher_tokenizer(config):
+  """The teacher's own tokenizer (config.teacher.tokenizer), or None when it shares the
+  student's. Cross-tokenizer methods need one; every other method is refused one."""
+  spec = algorithms.get(config.algorithm.name)
+  cross, name = issubclass(spec.objective, CrossTokenizer), config.teacher.tokenizer
+  if cross and not name:
+    raise ValueError(f'algorithm {spec.name!r} distils from a teacher with its own tokenizer: '
+                     'set config.teacher.tokenizer to it (a Hugging Face folder holding '
+                     'tokenizer.json, or \'char\' for the character tokenizer)')
+  if name and not cross:
+    raise ValueError(f'config.teacher.tokenizer={name!r} is set, but algorithm {spec.name!r} '
+                     'compares teacher and student over one vocabulary; a teacher with its own '
+                     'tokenizer needs a cross-tokenizer method (algorithm.name=\'cross_tokenizer\')')
+  if not name:
+    return None
+  return CharTokenizer() if name == 'char' else HFTokenizer(name)
 
 
 def train_iterator(run: Run):
@@ -128,6 +157,7 @@ def train_iterator(run: Run):
   rows = pipeline.make_dataset(run.task, run.tokenizer, split='train', seed=c.seed,
                                prompt_len=c.task.prompt_len,
                                completion_len=c.task.completion_len, shuffle=True,
+                               teacher_tokenizer=run.teacher_tokenizer,
                                route=run.teacher_route)
   local = host_data.host_rows(rows, c.data.batch_size)
   return iter(local.batch(c.data.batch_size // jax.process_count(), drop_remainder=True)
