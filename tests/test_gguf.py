@@ -405,70 +405,130 @@ def rms(x, w, eps):
   return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
 
 
-def rope(x_BxTxHxD, theta, adjacent, freq_divisors=None):
-  """llama.cpp RoPE: NORM rotates pairs (2i, 2i+1), NEOX pairs (i, i + D/2); frequency i is
-  theta^(-2i/D) / rope_freqs[i] when the file has rope_freqs."""
-  D = x_BxTxHxD.shape[-1]
-  freq = theta ** (-np.arange(0, D, 2) / D)
-  if freq_divisors is not None:
-    freq = freq / freq_divisors
+def rope(x_BxTxHxD, freq, adjacent, mscale=1.0):
+  """llama.cpp RoPE of the first 2 * len(freq) dims of each head (the rest pass through): NORM
+  rotates pairs (2i, 2i+1), NEOX pairs (i, i + R/2); cos and sin times mscale (YaRN)."""
+  R = 2 * len(freq)
   angle = np.arange(x_BxTxHxD.shape[1])[:, None] * freq
-  cos, sin = np.cos(angle)[None, :, None], np.sin(angle)[None, :, None]
+  cos, sin = (mscale * np.cos(angle)[None, :, None], mscale * np.sin(angle)[None, :, None])
+  x, rest = x_BxTxHxD[..., :R], x_BxTxHxD[..., R:]
   if adjacent:
-    a, b = x_BxTxHxD[..., 0::2], x_BxTxHxD[..., 1::2]
-    return np.stack([a * cos - b * sin, b * cos + a * sin], -1).reshape(x_BxTxHxD.shape)
-  a, b = x_BxTxHxD[..., :D // 2], x_BxTxHxD[..., D // 2:]
-  return np.concatenate([a * cos - b * sin, b * cos + a * sin], -1)
+    a, b = x[..., 0::2], x[..., 1::2]
+    out = np.stack([a * cos - b * sin, b * cos + a * sin], -1).reshape(x.shape)
+  else:
+    a, b = x[..., :R // 2], x[..., R // 2:]
+    out = np.concatenate([a * cos - b * sin, b * cos + a * sin], -1)
+  return np.concatenate([out, rest], -1)
+
+
+def rope_frequencies(meta, W, swa, scaled):
+  """(frequencies, mscale) llama.cpp rotates a layer with: base theta^(-2i/R) (a sliding layer's
+  own base when the file has one), divided by rope_freqs; linear scaling divides by the factor;
+  YaRN blends the divided and the plain ones over ggml's ramp (beta_fast 32, beta_slow 1) and
+  scales cos and sin. scaled=False: no scaling (Gemma 3's sliding layers)."""
+  R = meta('rope.dimension_count')
+  theta = (meta('rope.freq_base_swa') if swa else None) or meta('rope.freq_base')
+  freq = theta ** (-np.arange(0, R, 2) / R)
+  if 'rope_freqs.weight' in W:
+    freq = freq / W['rope_freqs.weight']
+  kind = meta('rope.scaling.type') if scaled else None
+  if kind == 'linear':
+    return freq / meta('rope.scaling.factor'), 1.0
+  if kind != 'yarn':
+    return freq, 1.0
+  factor, old = meta('rope.scaling.factor'), meta('rope.scaling.original_context_length')
+  dim_of = lambda turns: R * np.log(old / (turns * 2 * np.pi)) / (2 * np.log(theta))  # noqa: E731
+  low, high = max(0, np.floor(dim_of(32))), min(R - 1, np.ceil(dim_of(1)))
+  extrapolate = 1 - np.clip((np.arange(R // 2) - low) / max(0.001, high - low), 0, 1)
+  mscale = (meta('rope.scaling.attn_factor') or 1.0) * (1 + 0.1 * np.log(factor))
+  return freq / factor * (1 - extrapolate) + freq * extrapolate, mscale
+
+
+def softcap(x, cap):
+  return cap * np.tanh(x / cap) if cap else x
 
 
 def gguf_forward(path, tokens_BxT):
-  """Logits of an f32 GGUF file computed the way llama.cpp reads it."""
+  """Logits of an f32 GGUF file computed the way llama.cpp's graphs for llama, qwen2, qwen3,
+  gemma2, gemma3 and phi3 read it."""
   reader = gguf.GGUFReader(path)
   arch = field(reader, 'general.architecture')
-  meta = lambda key: field(reader, f'{arch}.{key}')  # noqa: E731
+  def meta(key):   # None when the file does not have the key
+    return field(reader, f'{arch}.{key}') if f'{arch}.{key}' in reader.fields else None
   W = {n: np.asarray(t.data, np.float64) for n, t in tensors(reader).items()}
-  H, K, Dh = meta('attention.head_count'), meta('attention.head_count_kv'), meta('attention.key_length')
-  eps, theta = meta('attention.layer_norm_rms_epsilon'), meta('rope.freq_base')
-  adjacent = arch == 'llama'   # llama.cpp: LLAMA_ROPE_TYPE_NORM; qwen2/qwen3: NEOX
+  H, K = meta('attention.head_count'), meta('attention.head_count_kv')
+  Dh = meta('attention.key_length')
+  eps, gemma = meta('attention.layer_norm_rms_epsilon'), arch.startswith('gemma')
+  adjacent = arch == 'llama'   # llama.cpp: LLAMA_ROPE_TYPE_NORM; the others: NEOX
   B, T = tokens_BxT.shape
-  x = W['token_embd.weight'][tokens_BxT]
-  causal = np.tril(np.ones((T, T), bool))
+  x = W['token_embd.weight'][tokens_BxT] * (np.sqrt(meta('embedding_length')) if gemma else 1.0)
+  distance = np.arange(T)[:, None] - np.arange(T)[None, :]
+  # llama.cpp's phi3 ignores sliding windows; Gemma reads them per layer.
+  pattern = meta('attention.sliding_window_pattern') if gemma else None
   for l in range(meta('block_count')):
     p = lambda n: W.get(f'blk.{l}.{n}')  # noqa: E731
     h = rms(x, p('attn_norm.weight'), eps)
-    proj = {}
-    for n, heads in (('q', H), ('k', K), ('v', K)):
-      y = h @ p(f'attn_{n}.weight').T
-      if p(f'attn_{n}.bias') is not None:
-        y = y + p(f'attn_{n}.bias')
-      proj[n] = y.reshape(B, T, heads, Dh)
-    q, k, v = proj['q'], proj['k'], proj['v']
+    if p('attn_qkv.weight') is not None:   # phi3: q, k, v rows fused
+      q, k, v = np.split(h @ p('attn_qkv.weight').T, [H * Dh, (H + K) * Dh], axis=-1)
+    else:
+      q, k, v = (h @ p(f'attn_{n}.weight').T + (p(f'attn_{n}.bias') if p(f'attn_{n}.bias')
+                                                is not None else 0) for n in 'qkv')
+    q, k, v = q.reshape(B, T, H, Dh), k.reshape(B, T, K, Dh), v.reshape(B, T, K, Dh)
     if p('attn_q_norm.weight') is not None:
       q, k = rms(q, p('attn_q_norm.weight'), eps), rms(k, p('attn_k_norm.weight'), eps)
-    divisors = W.get('rope_freqs.weight')
-    q, k = rope(q, theta, adjacent, divisors), rope(k, theta, adjacent, divisors)
+    swa = bool(pattern and pattern[l])
+    freq, mscale = rope_frequencies(meta, W, swa, scaled=not (swa and arch == 'gemma3'))
+    q, k = rope(q, freq, adjacent, mscale), rope(k, freq, adjacent, mscale)
     k, v = np.repeat(k, H // K, axis=2), np.repeat(v, H // K, axis=2)
-    scores = np.einsum('bthd,bshd->bhts', q, k) / np.sqrt(Dh)
-    scores = np.where(causal, scores, -np.inf)
+    scores = softcap(np.einsum('bthd,bshd->bhts', q, k) / np.sqrt(Dh),
+                     meta('attn_logit_softcapping'))
+    visible = (distance >= 0) & ((distance < meta('attention.sliding_window')) if swa else True)
+    scores = np.where(visible, scores, -np.inf)
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
-    x = x + np.einsum('bhts,bshd->bthd', probs, v).reshape(B, T, H * Dh) @ p('attn_output.weight').T
+    attn = np.einsum('bhts,bshd->bthd', probs, v).reshape(B, T, H * Dh) @ p('attn_output.weight').T
+    if p('attn_output.bias') is not None:
+      attn = attn + p('attn_output.bias')
+    if gemma:
+      attn = rms(attn, p('post_attention_norm.weight'), eps)
+    x = x + attn
     h = rms(x, p('ffn_norm.weight'), eps)
-    gate = h @ p('ffn_gate.weight').T
-    x = x + (gate / (1 + np.exp(-gate)) * (h @ p('ffn_up.weight').T)) @ p('ffn_down.weight').T
+    if p('ffn_gate.weight') is None:   # phi3: gate and up rows fused in ffn_up
+      gate, up = np.split(h @ p('ffn_up.weight').T, 2, axis=-1)
+    else:
+      gate, up = h @ p('ffn_gate.weight').T, h @ p('ffn_up.weight').T
+    act = (0.5 * gate * (1 + np.tanh(np.sqrt(2 / np.pi) * (gate + 0.044715 * gate**3)))
+           if gemma else gate / (1 + np.exp(-gate)))
+    ffn = (act * up) @ p('ffn_down.weight').T
+    x = x + (rms(ffn, p('post_ffw_norm.weight'), eps) if gemma else ffn)
   out = W.get('output.weight', W['token_embd.weight'])   # tied: llama.cpp reuses token_embd
-  return rms(x, W['output_norm.weight'], eps) @ out.T
+  return softcap(rms(x, W['output_norm.weight'], eps) @ out.T, meta('final_logit_softcapping'))
 
 
 @pytest.mark.parametrize('name,arch', [('llama_gqa', 'llama'), ('qwen2', 'qwen2'),
                                        ('qwen3', 'qwen3'), ('mistral', 'llama'),
-                                       ('llama32', 'llama')])
+                                       ('llama32', 'llama'), ('llama_yarn', 'llama'),
+                                       ('gemma2', 'gemma2'), ('gemma3', 'gemma3')])
 def test_llama_cpp_conventions_reproduce_transformers_logits(name, arch, tmp_path):
   path = str(tmp_path / 'm.gguf')
-  gguf_export.export_gguf(load(name), path, tokenizer=fixture(name), file_type='f32')
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')   # gemma2's query scale folded in: tested above
+    gguf_export.export_gguf(load(name), path, tokenizer=fixture(name), file_type='f32')
   assert field(gguf.GGUFReader(path), 'general.architecture') == arch
   ref = np.load(os.path.join(fixture(name), 'reference.npz'))
   np.testing.assert_allclose(gguf_forward(path, ref['tokens']), ref['logits'], atol=1e-4, rtol=0)
+
+
+def test_llama_cpp_conventions_phi3_without_its_window(tmp_path):
+  """llama.cpp's phi3 attends to every earlier token: transformers' logits where the window
+  (5) hides nothing, different ones where it does."""
+  path = str(tmp_path / 'm.gguf')
+  with pytest.warns(UserWarning, match='phi3 ignores the sliding window'):
+    gguf_export.export_gguf(load('phi3'), path, file_type='f32')
+  ref = np.load(os.path.join(fixture('phi3'), 'reference.npz'))
+  got = gguf_forward(path, ref['tokens'])
+  np.testing.assert_allclose(got[:, :5], ref['logits'][:, :5], atol=1e-4, rtol=0)
+  assert np.abs(got[:, 5:] - ref['logits'][:, 5:]).max() > 1e-2
 
 
 @pytest.mark.parametrize('name', ['llama_gqa', 'qwen2', 'qwen3', 'padded_vocab', 'llama32'])
