@@ -8,8 +8,10 @@ WORKDIR ?= workdirs/quickstart
 TEST_WORKERS ?= 2
 # Flags for the benchmark, e.g. make bench BENCH_ARGS="--dtype=bfloat16 --out=results.jsonl"
 BENCH_ARGS ?=
+# Flags for the faults suite, e.g. make faults FAULTS_ARGS="--kills=20 --seed=1"
+FAULTS_ARGS ?=
 
-.PHONY: quickstart test bench bench-device clean-venv
+.PHONY: quickstart test bench bench-device faults clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +32,11 @@ bench: $(STAMP)
 # bf16 and a Qwen3-1.7B-like -> 0.6B-like pair at 2k tokens; JSON lines, then a table.
 bench-device: $(STAMP)
 	$(PY) -m distill.bench.device --out=experiments/bench/results-device.jsonl $(BENCH_ARGS)
+
+# Every data regime SIGKILLed at random points and restarted, then torn checkpoints, caches and
+# sweep records (experiments/faults/README.md): the figures, also in experiments/faults/results.md.
+faults: $(STAMP)
+	$(PY) -m experiments.faults.run --out=experiments/faults/results.md $(FAULTS_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
