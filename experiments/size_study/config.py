@@ -22,15 +22,20 @@ The study's driver (run.py) sets model.preset, seed, the learning rate and those
 run; as a file it also serves `python -m distill.main --config=experiments/size_study/
 config.py:gkd,arithmetic --config.teacher.checkpoint=... --config.model.init_from=...`.
 """
+import os
+
 from configs import (arithmetic_distillm, arithmetic_gkd, arithmetic_minillm,
                      arithmetic_onpolicy_rkl, arithmetic_seqkd, arithmetic_student,
                      arithmetic_taid, arithmetic_teacher)
+from distill import sweep
 from distill.train.config import make_small, parse_options
 
 TEACHER_STEPS = 600
 PRETRAIN_STEPS = 200
-METHOD_STEPS = 200
+METHOD_STEPS = 150
 SEQKD_PROMPTS = 4096
+STUDY_DIR = 'workdirs/size_study'   # run.py's default --study_dir
+TEACHER = 'teacher-1m'
 TASKS = {'arithmetic': ('arithmetic', 2), 'arithmetic4': ('arithmetic', 4), 'hmm': ('hmm', None)}
 
 
@@ -101,3 +106,22 @@ def get_config(arg=None):
     if method == 'seqkd':
       c.algorithm.kwargs.num_prompts = 64
   return c
+
+
+def teacher_dir(task: str, preset: str = TEACHER, study_dir: str = STUDY_DIR) -> str:
+  return os.path.abspath(os.path.join(study_dir, task, 'teacher', f'model.preset={preset}'))
+
+
+def warm_dir(task: str, size: str, seed: int, study_dir: str = STUDY_DIR) -> str:
+  return os.path.abspath(os.path.join(study_dir, task, 'pretrain',
+                                      f'model.preset={size},seed={seed}'))
+
+
+def continuation_points(task: str = 'arithmetic', size: str = 'student-100k',
+                        seeds=(0, 1, 2), study_dir: str = STUDY_DIR) -> list[dict]:
+  """Sweep points continuing the study's warm starts of one size with its teacher: what the
+  paper configs (experiments/<paper>/config.py) multiply their grids with."""
+  return [{'model.preset': size, 'seed': seed,
+           'model.init_from': sweep.Labelled(warm_dir(task, size, seed, study_dir), 'warm'),
+           'teacher.checkpoint': sweep.Labelled(teacher_dir(task, study_dir=study_dir), TEACHER)}
+          for seed in seeds]

@@ -23,6 +23,8 @@ lr_choice.json records the learning rates chosen; --report_only rebuilds them fr
 from __future__ import annotations
 
 import concurrent.futures
+import functools
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -40,7 +42,6 @@ _METHODS = flags.DEFINE_list('methods', ['gt', 'kd', 'seqkd', 'gkd', 'distillm',
                                          'taid'], 'Methods (experiments/size_study/config.py).')
 _LR_GRID = flags.DEFINE_list('lr_grid', ['1e-3', '3e-4', '1e-4'], 'Learning rates tried.')
 _LR_SIZE = flags.DEFINE_string('lr_size', 'student-100k', 'The size the grid runs at.')
-_TEACHER = 'teacher-1m'
 _AXIS_TEACHERS = flags.DEFINE_list('axis_teachers', ['student-500k', 'teacher-1m',
                                                      'student-2m'],
                                    'Teacher presets of the capacity-gap axis (arithmetic).')
@@ -51,6 +52,7 @@ _SMALL = flags.DEFINE_bool('small', False, 'Tiny models, a few steps: a smoke ru
 _REPORT_ONLY = flags.DEFINE_bool('report_only', False, 'Rebuild the reports; train nothing.')
 
 CONFIG_FILE = 'experiments/size_study/config.py'
+_TEACHER = 'teacher-1m'   # config.py's TEACHER: the main grid's teacher
 SELECT_BY = {'arithmetic': ('accuracy', max), 'hmm': ('ce', min)}
 PARAMS_LABEL = {'student-500k': 'teacher-0.5m', 'teacher-1m': 'teacher-1m',
                 'student-2m': 'teacher-2m'}
@@ -72,15 +74,15 @@ class Study:
     arg = f'{method},{task}' + (',small' if _SMALL.value else '')
     invocation = plan_lib.Invocation(config_file=f'{CONFIG_FILE}:{arg}', overrides={},
                                      cwd=_repo())
-    config = _load_config(arg)
+    config = _config_module().get_config(arg)
     workdir = os.path.join(self.workdir, task, subdir or method)
     return plan_lib.make_plan(config, invocation, workdir, points)
 
   def teacher_dir(self, task: str, preset: str = _TEACHER) -> str:
-    return os.path.join(self.workdir, task, 'teacher', f'model.preset={preset}')
+    return _config_module().teacher_dir(task, preset, self.workdir)
 
   def warm_dir(self, task: str, size: str, seed: int) -> str:
-    return os.path.join(self.workdir, task, 'pretrain', f'model.preset={size},seed={seed}')
+    return _config_module().warm_dir(task, size, seed, self.workdir)
 
   def teacher_plans(self, tasks):
     plans = []
@@ -118,13 +120,14 @@ class Study:
     return points
 
 
-def _load_config(arg: str):
-  import importlib.util
+@functools.cache
+def _config_module():
+  """experiments/size_study/config.py (loaded by path, as distill.main loads a config file)."""
   spec = importlib.util.spec_from_file_location('size_study_config',
                                                 os.path.join(_repo(), CONFIG_FILE))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return module
 
 
 def _train_one(config, workdir: str, cache_only: bool) -> str:
