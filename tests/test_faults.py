@@ -224,6 +224,27 @@ def test_resumed_metrics_drop_later_final_and_torn_lines(tmp_path):
     log_lib.MetricsWriter(str(tmp_path), config, resume_step=4)
 
 
+def test_faults_suite_reads_where_a_kill_landed(tmp_path):
+  """`make faults` counts kills inside saves and cache writes from what the disk holds."""
+  import json
+  import random
+  from experiments.faults import kills
+  regime = next(r for r in kills.REGIMES if r.cache_subdir == 'seqkd')
+  assert kills.windows(regime, str(tmp_path)) == []
+  os.makedirs(tmp_path / 'checkpoints' / '4.orbax-checkpoint-tmp')
+  os.makedirs(tmp_path / 'seqkd' / 'shard-00002.tmp')
+  (tmp_path / 'seqkd' / 'manifest.json').write_text(json.dumps({'complete': False}))
+  assert kills.windows(regime, str(tmp_path)) == ['checkpoint save', 'cache build',
+                                                  'shard files']
+  def points(seed):
+    rng = random.Random(seed)
+    return [kills.kill_point(regime, i, rng, 30.0, str(tmp_path))[0] for i in range(4)]
+  points = [points(7), points(7), points(8)]
+  assert points[0] == points[1] != points[2]     # seeded: the same kills every time
+  assert points[0][0].startswith('time ') and points[0][1].startswith('save of step ')
+  assert points[0][2].startswith('shard ') and points[0][3].endswith('+ 0 ms')
+
+
 # ---------------------------------------------------------------------- disk
 
 

@@ -1,6 +1,6 @@
 """`make faults`: kills anywhere and torn state, with figures.
 
-    python -m experiments.faults.run [--kills=12] [--seed=0] [--jobs=2] [--out=FILE]
+    python -m experiments.faults.run [--kills=10] [--seed=0] [--jobs=4] [--out=FILE]
 
 1. Each data regime (supervised KD, cached teacher, SeqKD, GKD, DistiLLM with its replay
    buffer) runs once uninterrupted, then `--kills` times SIGKILLed at a seeded random point
@@ -62,9 +62,10 @@ def _kill_line(r: kills.KillResult) -> str:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog='python -m experiments.faults.run',
                                    description=__doc__.splitlines()[0])
-  parser.add_argument('--kills', type=int, default=12, help='kills per data regime')
+  parser.add_argument('--kills', type=int, default=10, help='kills per data regime')
   parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--jobs', type=int, default=2, help='CLI runs at a time')
+  parser.add_argument('--jobs', type=int, default=4,
+                      help='CLI runs at a time (more than the cores: a run waits on I/O too)')
   parser.add_argument('--out', default='', help='also write the figures to this file')
   parser.add_argument('--keep', action='store_true', help='keep the run folders')
   ns = parser.parse_args(argv)
