@@ -720,6 +720,24 @@ def test_gemma_and_phi3_tensors_are_the_hf_weights_as_llama_cpp_reads_them(name,
   assert any("phi3 ignores the sliding window" in m for m in messages) == (arch == 'phi3')
 
 
+def test_gemma3_query_scale_goes_on_q_norm(tmp_path):
+  """Gemma 3 normalises q after the projection: a query_pre_attn_scalar llama.cpp does not
+  derive is folded into q_norm (F32), leaving the quantised q weights as trained."""
+  model = load('gemma3')
+  scaled = dataclasses.replace(model.config, query_pre_attn_scalar=24.0)
+  model = nnx.merge(sharded.abstract_model(scaled)[0], nnx.state(model, nnx.Param))
+  path = str(tmp_path / 'm.gguf')
+  with pytest.warns(UserWarning, match=r'multiplied by 0\.816497 in attn_q_norm \(F32\)'):
+    gguf_export.export_gguf(model, path, file_type='f32')
+  got, want = tensors(gguf.GGUFReader(path)), hf_weights('gemma3')
+  for layer in range(3):
+    name = f'blk.{layer}.attn_q_norm.weight'
+    np.testing.assert_allclose(np.asarray(got[name].data),
+                               (want[name] + 1) * np.float32(np.sqrt(16 / 24)), rtol=1e-6)
+    name = f'blk.{layer}.attn_q.weight'
+    np.testing.assert_array_equal(np.asarray(got[name].data), want[name])
+
+
 def test_gemma_and_phi3_metadata(tmp_path):
   meta = {}
   for name in ('gemma2', 'gemma3', 'phi3'):

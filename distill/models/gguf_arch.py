@@ -109,7 +109,8 @@ def check(cfg: ModelConfig, arch: str):
     raise ValueError("llama.cpp's gemma2 always soft-caps attention scores and logits; this "
                      f'model has attn_softcap={cfg.attn_softcap}, '
                      f'final_softcap={cfg.final_softcap}')
-  if arch == 'gemma3' and kind and any(cfg.sliding_layers) and not cfg.rope_local_theta:
+  if arch == 'gemma3' and kind == 'linear' and any(cfg.sliding_layers) and \
+      not cfg.rope_local_theta:
     raise ValueError("llama.cpp's gemma3 rotates sliding layers without the rope scaling; this "
                      'model scales them too (set rope_local_theta)')
 
@@ -178,10 +179,11 @@ def gguf_tensors(params, cfg: ModelConfig, arch: str) -> dict[str, np.ndarray]:
     out[gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + '.weight'] = divisors
   rescale = query_rescale(cfg, arch)
   if rescale != 1.0:
+    where = ('attn_q_norm (F32)' if cfg.qk_norm else
+             'attn_q, whose quantised values are then not those of the unscaled weights')
     warnings.warn(f'query_pre_attn_scalar={cfg.query_pre_attn_scalar} is not the attention '
                   f"scale llama.cpp's {arch} derives from the shapes: the queries are multiplied "
-                  f'by {rescale:.6g} in the file (an equivalent model, so its quantised q weights '
-                  'differ from the unscaled ones)')
+                  f'by {rescale:.6g} in {where} (an equivalent model)')
   for name, value in tensors.items():
     value = value.astype(np.float32)
     if arch == 'llama':
