@@ -66,6 +66,9 @@ def check_teachers_config(config) -> None:
   if config.teacher.server:
     raise ValueError('several teachers (config.teachers.more) run in-process; a served teacher '
                      '(config.teacher.server) cannot be one of them yet')
+  if config.teacher.tokenizer:
+    raise ValueError('several teachers (config.teachers.more) share the student\'s tokenizer; '
+                     'a teacher with its own (config.teacher.tokenizer) cannot be one of them')
   if bool(t.weights) == bool(t.routes):
     raise ValueError(f'{n} teachers: give either config.teachers.weights (mixed per token) or '
                      'config.teachers.routes (routed per row), one per teacher, '
