@@ -18,6 +18,7 @@ from flax import nnx
 from distill import losses, sampling
 from distill.algorithms import teachers
 from distill.data import pipeline
+from distill.quant import student as quant_student
 
 
 def _token_sums(student_logits, teacher_logits, batch):
@@ -70,6 +71,8 @@ def _generate_fn(graphdef, cfg):
 
 def evaluate(run, graphdef, params, *, batches: list[dict] | None = None) -> dict[str, Any]:
   batches = eval_batches(run) if batches is None else batches
+  # A quantization-aware run is evaluated as it will ship: its GGUF type's weights.
+  params = quant_student.for_evaluation(run.config, run.model_config, params)
   totals: dict[str, float] = {}
   # A teacher with its own tokenizer reads other ids: no per-token KL to it on these rows.
   teacher_graphdef = None if run.teacher_tokenizer is not None else run.teacher_graphdef

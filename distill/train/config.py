@@ -143,6 +143,12 @@ def base_config() -> ml_collections.ConfigDict:
   # figure and is not checked). The compiled step must fit before the first step runs.
   c.mesh.device_memory_gb = 0.0
 
+  # Quantization-aware distillation: '' off, or a GGUF file type of the export (q8_0, q6_k,
+  # q5_k_m, q4_k_m, q4_0, f16, ...): the student's matrices are fake-quantized in the step to
+  # exactly what that GGUF will hold (per-tensor mix and fallbacks as the export), with
+  # straight-through gradients to fp32 master weights (distill.quant), and evaluated so.
+  c.quant = ml_collections.ConfigDict({'type': ''})
+
   c.eval = ml_collections.ConfigDict()
   c.eval.generate = True        # greedy decoding for task accuracy
   c.eval.max_batches = 4        # eval batches of data.eval_batch_size rows
@@ -212,6 +218,8 @@ def validate(config, *, model_max_seq_len: int | None = None, data_parallel: int
   if config.nonfinite not in nonfinite.POLICIES:
     raise ValueError(f'config.nonfinite must be one of {nonfinite.POLICIES}, got '
                      f'{config.nonfinite!r}')
+  from distill.quant import student as quant_student   # distill.quant imports the models
+  quant_student.check_type(config.quant.type)
   if config.role not in ('teacher', 'student'):
     raise ValueError(f"config.role must be 'teacher' or 'student', got {config.role!r}")
   if config.loss.reduction not in losses.MODES:

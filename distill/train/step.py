@@ -23,6 +23,7 @@ import optax
 from distill.algorithms import divergence, hooks
 from distill.parallel import activations
 from distill.parallel import mesh as mesh_lib
+from distill.quant import student as quant
 from distill.train import accumulate
 from distill.train import nonfinite
 
@@ -49,7 +50,7 @@ def apply_update(optimizer, grads, opt_state, params):
 
 
 def build_step(ctx: hooks.StepContext, method, *, skip_nonfinite: bool = False,
-               grad_accum_steps: int = 1) -> Callable:
+               grad_accum_steps: int = 1, quant_plan=None) -> Callable:
   """The pure step(state, teacher_params, batch) -> (state, metrics) of `method`.
 
   grad_accum_steps (config.data.grad_accum_steps): the gradient of the whole batch summed
@@ -58,6 +59,10 @@ def build_step(ctx: hooks.StepContext, method, *, skip_nonfinite: bool = False,
   skip_nonfinite (config.nonfinite='skip'): a step with a non-finite metric keeps the old
   state (distill.train.nonfinite).
 
+  quant_plan (config.quant.type, distill.quant.student.quant_plan): the rows are drawn and the
+  loss computed with the student's weights as that GGUF type stores them; the gradient reaches
+  the fp32 master weights straight through.
+
   state['algo'] holds {'rows': …, 'objective': …} and, when the objective trains parameters
   of its own, 'trainable': {'params': …, 'opt_state': …} (see Method.init_state).
   """
@@ -65,7 +70,8 @@ def build_step(ctx: hooks.StepContext, method, *, skip_nonfinite: bool = False,
 
   def step(state, teacher_params, batch):
     algo = state['algo']
-    inputs = hooks.StepInputs(params=state['params'], teacher_params=teacher_params,
+    quantized = jax.lax.stop_gradient(quant.fake_quantize(quant_plan, state['params']))
+    inputs = hooks.StepInputs(params=quantized, teacher_params=teacher_params,
                               state=algo['rows'], rng=step_rng(state), step=state['step'])
     drawn = rows_hook.draw(ctx, inputs, batch)
     trainable = {'params': state['params']}
@@ -73,7 +79,10 @@ def build_step(ctx: hooks.StepContext, method, *, skip_nonfinite: bool = False,
       trainable['extra'] = algo['trainable']['params']
 
     def loss_fn(trainable, prepared, drawn):
-      return objective.loss(ctx, trainable['params'], trainable.get('extra'), prepared, drawn,
+      params = trainable['params']
+      if quant_plan is not None:
+        params = quant.straight_through(params, quantized)
+      return objective.loss(ctx, params, trainable.get('extra'), prepared, drawn,
                             algo['objective'])
 
     def grads_of(drawn):   # of all the rows, or of one micro-batch (distill.train.accumulate)
@@ -108,7 +117,8 @@ def make_step(config, run, method, graphdef, shardings, optimizer):
   ctx = make_context(config, run, graphdef, optimizer)
   teacher_shardings = jax.tree.map(lambda x: x.sharding, run.teacher_params)
   step = build_step(ctx, method, skip_nonfinite=config.nonfinite == 'skip',
-                    grad_accum_steps=config.data.grad_accum_steps)
+                    grad_accum_steps=config.data.grad_accum_steps,
+                    quant_plan=quant.quant_plan(run.model_config, config.quant.type))
   # Traced under the run's layout: activations constrained by the student's rules at the
   # layer boundaries, the configured remat policy (distill.parallel.activations).
   layout = activations.Layout(run.mesh, run.rules, config.model.remat_policy)
