@@ -118,6 +118,18 @@ def test_a_method_is_named_by_the_fields_its_runs_differ_in(tmp_path):
       ('checkpoint=teacher-4m', 112704, [0])]
 
 
+def test_a_study_names_its_methods_and_many_run_directories_by_their_parent(tmp_path):
+  write_sweep(tmp_path / 'sweep')
+  run_dirs = sorted(str(p) for p in (tmp_path / 'sweep').iterdir())
+  report.write_report(run_dirs, str(tmp_path / 'out'),
+                      method_label=lambda run: run.config['algorithm.name'].upper())
+  rows = list(csv.DictReader(open(tmp_path / 'out' / 'report.csv')))
+  assert [(r['method'], r['n']) for r in rows] == [
+      ('GKD', '3'), ('GKD', '3'), ('SUPERVISED', '3'), ('SUPERVISED', '3')]
+  header = open(tmp_path / 'out' / 'report.md').readline()
+  assert header == f'Runs: 12 directories under {tmp_path / "sweep"}\n'
+
+
 def test_no_finished_runs_is_refused_before_writing(tmp_path):
   os.makedirs(tmp_path / 'empty' / 'run_without_final')
   (tmp_path / 'empty' / 'run_without_final' / 'config.json').write_text('{}')
