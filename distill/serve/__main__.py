@@ -27,9 +27,9 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument('--max-logprobs', type=int, default=20,
                  help="largest k of logprobs / prompt_logprobs (-1: the vocabulary; vLLM's default is 20)")
   p.add_argument('--max-batch-size', type=int, default=64, help='rows per forward pass')
-  p.add_argument('--batch-wait-ms', type=float, default=5.0,
+  p.add_argument('--batch-wait-ms', type=float, default=0.0,
                  help='scoring requests arriving within this many ms share a forward pass '
-                      '(0: each request alone)')
+                      '(0: each request alone; on CPU batching measured slower, see BUILD.md)')
   p.add_argument('--max-requests', type=int, default=0,
                  help='stop after this many completions (0: serve until killed)')
   p.add_argument('--verbose', action='store_true', help='log every request')
