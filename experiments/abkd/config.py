@@ -22,6 +22,5 @@ def get_config(arg=None):
 
 
 def get_sweep(arg=None):
-  return sweep.product(sweep.zip_axes(sweep.axis('loss.hparams.alpha', [a for a, _ in ALPHA_BETA]),
-                                      sweep.axis('loss.hparams.beta', [b for _, b in ALPHA_BETA])),
-                       study.continuation_points(arg or 'arithmetic'))
+  pairs = [{'loss.hparams.alpha': alpha, 'loss.hparams.beta': beta} for alpha, beta in ALPHA_BETA]
+  return sweep.product(pairs, study.continuation_points(arg or 'arithmetic'))

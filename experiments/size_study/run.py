@@ -18,7 +18,7 @@ Runs are sweeps of experiments/size_study/config.py (distill.sweep's plans): eac
 directory holds its exact command, finished runs are skipped and interrupted ones resume, so
 a killed study started again completes. --workers runs train side by side in processes.
 Reports (distill.report: Markdown, CSV, plots) go to WORKDIR/report/<section>/ and
-lr_choice.json records the learning rates chosen; --report_only rebuilds them from the runs.
+study.json records the learning rates chosen and each invocation's wall time; --report_only rebuilds them from the runs.
 """
 from __future__ import annotations
 
@@ -207,13 +207,25 @@ def main_plans(study: Study, task: str, lrs: dict, sizes, methods, teacher=_TEAC
           for m in methods}
 
 
+def method_label(run, section: str) -> str:
+  """A run's method as the study names it: its sweep directory's method, with the teacher on
+  the teacher-size axis and the learning rate in the grid's report."""
+  label = os.path.basename(os.path.dirname(run.path)).split('_')[0]
+  if section.endswith('teacher_size'):
+    preset = run.config['teacher.checkpoint'].rstrip('/').rsplit('model.preset=', 1)[-1]
+    label += f' ← {PARAMS_LABEL[preset]}'
+  if section.endswith('lr_grid'):
+    label += f' lr={run.config["optimizer.learning_rate"]:g}'
+  return label
+
+
 def write_report(study: Study, section: str, plans) -> None:
   from distill import report
   run_dirs = [run.workdir for plan in plans for run in plan.runs
               if os.path.exists(os.path.join(run.workdir, 'final_metrics.json'))]
   if run_dirs:
     out = os.path.join(study.workdir, 'report', section)
-    report.write_report(run_dirs, out)
+    report.write_report(run_dirs, out, lambda run: method_label(run, section))
     print(f'study: report {out}', flush=True)
 
 
@@ -267,14 +279,20 @@ def main(argv):
       sections['arithmetic4'] = list(plans.values())
   for section, plans in sections.items():
     write_report(study, section, plans)
+  path = os.path.join(study.workdir, 'report', 'study.json')
+  invocations = []
+  if os.path.exists(path):
+    with open(path) as f:
+      invocations = json.load(f)['invocations']
+  invocations.append({'command': ' '.join([os.path.relpath(sys.executable)] + sys.argv),
+                      'trained': train, 'wall_seconds': round(time.time() - start),
+                      'finished_at': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})
   record = {'lr_choice': {t: {m: {'chosen': lr, 'grid': {str(k): v for k, v in grid.items()}}
                               for m, (lr, grid) in c.items()} for t, c in choices.items()},
             'selected_by': {t: SELECT_BY['hmm' if t == 'hmm' else 'arithmetic'][0]
                             for t in choices},
-            'failed_runs': study.failures,
-            'command': ' '.join([os.path.relpath(sys.executable)] + sys.argv),
-            'wall_seconds_this_invocation': round(time.time() - start)}
-  with open(os.path.join(study.workdir, 'report', 'lr_choice.json'), 'w') as f:
+            'failed_runs': study.failures, 'invocations': invocations}
+  with open(path, 'w') as f:
     json.dump(record, f, indent=1)
   print(json.dumps(record, indent=1))
 
