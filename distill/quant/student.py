@@ -58,8 +58,9 @@ def quant_plan(cfg: ModelConfig, quant_type: str) -> tuple[LeafPlan, ...] | None
     return None
   arch = gguf_arch.default_arch(cfg)
   gguf_arch.check(cfg, arch)
-  if gguf_arch.query_rescale(cfg, arch) != 1.0:
-    # The export multiplies q's weights by a factor before quantising them.
+  if gguf_arch.query_rescale(cfg, arch) != 1.0 and not cfg.qk_norm:
+    # The export multiplies q's weights by a factor before quantising them (with a q_norm it
+    # goes on the norm, which stays F32).
     raise ValueError(f'quantization-aware training cannot match the {arch} export of this model: '
                      f'it rescales the queries (query_pre_attn_scalar='
                      f'{cfg.query_pre_attn_scalar}) before quantising')
