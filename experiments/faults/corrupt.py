@@ -44,7 +44,7 @@ def _rerun(regime: kills.Regime, teacher: str, workdir: str, want: kills.Finish,
            named: list[str]) -> tuple[bool, str]:
   """Runs the regime again in `workdir`; (finished identically and named every string of
   `named` in its warnings, what went wrong or the warning)."""
-  proc = run_cli(workdir, *kills.command(regime, teacher), check=False)
+  proc = run_cli(workdir, *kills.command(regime, teacher), check=False, timeout=kills.TIMEOUT_S)
   if proc.returncode != 0:
     return False, f'failed ({proc.returncode}): ' + ' | '.join(proc.stderr.splitlines()[-3:])
   missing = [n for n in named if n not in proc.stderr]
@@ -82,7 +82,8 @@ def shard_case(root, teacher, refs, regime: kills.Regime, damage: str) -> Case:
   target = f'{regime.name} shard' if damage != 'manifest truncated' else f'{regime.name} manifest'
   if damage == 'manifest truncated':
     truncate_half(os.path.join(cache, 'manifest.json'))
-    proc = run_cli(workdir, *kills.command(regime, teacher), check=False)
+    proc = run_cli(workdir, *kills.command(regime, teacher), check=False,
+                   timeout=kills.TIMEOUT_S)
     ok = (proc.returncode == 2 and 'manifest.json is unreadable' in proc.stderr
           and 'Traceback' not in proc.stderr)
     return Case(target, 'truncated', ok, proc.stderr.strip().splitlines()[0][:160], refused=True)
@@ -121,7 +122,7 @@ SWEEP = ['--config=configs/arithmetic_student.py:small,scratch', '--sweep=seed=1
 def sweep_cases(root) -> list[Case]:
   """One finished sweep of two runs; each damage in turn, then the sweep again."""
   workdir = os.path.join(root, 'corrupt', 'sweep')
-  run_cli(workdir, *SWEEP, module='distill.sweep')
+  run_cli(workdir, *SWEEP, module='distill.sweep', timeout=kills.TIMEOUT_S)
   with open(os.path.join(workdir, 'results.json')) as f:
     want = json.load(f)
   runs = [os.path.join(workdir, r['name']) for r in want]
@@ -131,7 +132,8 @@ def sweep_cases(root) -> list[Case]:
                                 (runs[0], 'model.json', 'removed')):
     path = os.path.join(run_dir, name)
     DAMAGES[damage](path)
-    proc = run_cli(workdir, *SWEEP, module='distill.sweep', check=False)
+    proc = run_cli(workdir, *SWEEP, module='distill.sweep', check=False,
+                   timeout=kills.TIMEOUT_S)
     with open(os.path.join(workdir, 'results.json')) as f:
       got = json.load(f)
     retrained = f'sweep: run 1/1: {os.path.basename(run_dir)}' in proc.stdout

@@ -84,11 +84,11 @@ def main(argv=None) -> int:
       for regime, (_, seconds) in refs.items():
         _print(lines, f'reference {regime.name}: {seconds:.1f} s uninterrupted')
       futures = []
-      for regime in kills.REGIMES:
-        rng = random.Random(f'{ns.seed}/{regime.name}')
-        for i in range(ns.kills):
+      rngs = {regime: random.Random(f'{ns.seed}/{regime.name}') for regime in kills.REGIMES}
+      for i in range(ns.kills):   # the regimes in turn: a suite stopped early covers them all
+        for regime in kills.REGIMES:
           workdir = os.path.join(root, regime.name, f'kill{i}')
-          point, kwargs = kills.kill_point(regime, i, rng, refs[regime][1], workdir)
+          point, kwargs = kills.kill_point(regime, i, rngs[regime], refs[regime][1], workdir)
           futures.append(pool.submit(kills.kill_and_finish, regime, teacher, workdir, point,
                                      kwargs, refs[regime][0]))
       results = []
