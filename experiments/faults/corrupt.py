@@ -52,7 +52,8 @@ def _rerun(regime: kills.Regime, teacher: str, workdir: str, want: kills.Finish,
   if missing:
     problems.append(f'no warning naming {missing}')
   warned = [line for line in proc.stderr.splitlines() if 'torn or corrupt' in line]
-  return not problems, '; '.join(problems) or (warned[0][:160] if warned else '')
+  warning = warned[0].split('Warning: ')[-1][:160] if warned else ''   # without file:line
+  return not problems, '; '.join(problems) or warning
 
 
 def checkpoint_case(root, teacher, refs, part: str, damage: str) -> Case:
