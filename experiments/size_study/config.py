@@ -117,10 +117,16 @@ def warm_dir(task: str, size: str, seed: int, study_dir: str = STUDY_DIR) -> str
                                       f'model.preset={size},seed={seed}'))
 
 
-def continuation_points(task: str = 'arithmetic', size: str = 'student-100k',
-                        seeds=(0, 1, 2), study_dir: str = STUDY_DIR) -> list[dict]:
-  """Sweep points continuing the study's warm starts of one size with its teacher: what the
-  paper configs (experiments/<paper>/config.py) multiply their grids with."""
+# The student the paper configs continue on each task: the learning-rate grid's size, and on
+# 4-digit arithmetic the only size the study warm-starts there (run.py --hard_size).
+PAPER_SIZE = {'arithmetic': 'student-100k', 'hmm': 'student-100k', 'arithmetic4': 'student-500k'}
+
+
+def continuation_points(task: str = 'arithmetic', seeds=(0, 1, 2),
+                        study_dir: str = STUDY_DIR) -> list[dict]:
+  """Sweep points continuing the study's warm starts (PAPER_SIZE[task]) with its teacher: what
+  the paper configs (experiments/<paper>/config.py) multiply their grids with."""
+  size = PAPER_SIZE[task]
   return [{'model.preset': size, 'seed': seed,
            'model.init_from': sweep.Labelled(warm_dir(task, size, seed, study_dir), 'warm'),
            'teacher.checkpoint': sweep.Labelled(teacher_dir(task, study_dir=study_dir), TEACHER)}

@@ -40,12 +40,14 @@ _SIZES = flags.DEFINE_list('sizes', ['student-15k', 'student-40k', 'student-100k
 _TASKS = flags.DEFINE_list('tasks', ['arithmetic', 'hmm'], 'Tasks of the main grid.')
 _METHODS = flags.DEFINE_list('methods', ['gt', 'kd', 'seqkd', 'gkd', 'distillm', 'onpolicy',
                                          'taid'], 'Methods (experiments/size_study/config.py).')
-_LR_GRID = flags.DEFINE_list('lr_grid', ['1e-3', '3e-4', '1e-4'], 'Learning rates tried.')
+_LR_GRID = flags.DEFINE_list('lr_grid', ['2e-3', '1e-3', '3e-4', '1e-4'],
+                             'Learning rates tried (2e-3: the warm starts\' own).')
 _LR_SIZE = flags.DEFINE_string('lr_size', 'student-100k', 'The size the grid runs at.')
 _AXIS_TEACHERS = flags.DEFINE_list('axis_teachers', ['student-500k', 'teacher-1m',
                                                      'student-2m'],
                                    'Teacher presets of the capacity-gap axis (arithmetic).')
-_AXIS_METHODS = flags.DEFINE_list('axis_methods', ['kd', 'gkd'], 'Methods of that axis.')
+_AXIS_METHODS = flags.DEFINE_list('axis_methods', ['kd', 'gkd', 'taid'],
+                                   'Methods of that axis (TAID claims to close the gap).')
 _HARD_SIZE = flags.DEFINE_string('hard_size', 'student-500k', 'Student of the 4-digit task.')
 _WORKERS = flags.DEFINE_integer('workers', 2, 'Runs trained side by side.')
 _SMALL = flags.DEFINE_bool('small', False, 'Tiny models, a few steps: a smoke run.')

@@ -17,5 +17,5 @@ def get_config(arg=None):
 
 def get_sweep(arg=None):
   return sweep.product(sweep.axis('algorithm.kwargs.t_start', [0.2, 0.4, 0.7]),
-                       sweep.axis('algorithm.kwargs.alpha', [5e-4, 5e-3]),
+                       sweep.axis('algorithm.kwargs.alpha', [5e-4, 3e-2]),
                        study.continuation_points(arg or 'arithmetic'))
