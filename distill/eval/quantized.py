@@ -29,7 +29,6 @@ import sys
 import tempfile
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import gguf
 import numpy as np

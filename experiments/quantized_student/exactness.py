@@ -1,6 +1,7 @@
 """QAD's fake quantization == the GGUF export, bit for bit, for every type and file type.
 
-    python experiments/quantized_student/exactness.py --out experiments/quantized_student/exactness.json
+    python experiments/quantized_student/exactness.py \
+        --out experiments/quantized_student/exactness.json
 
 1. blocks: `distill.quant.blocks.fake_quantize` against `gguf.quants.dequantize` of
    `distill.models.gguf_quants.quantize` (llama.cpp's bytes), per block type, on ten kinds of
