@@ -145,7 +145,8 @@ def teacher_tokenizer(config):
   if name and not cross:
     raise ValueError(f'config.teacher.tokenizer={name!r} is set, but algorithm {spec.name!r} '
                      'compares teacher and student over one vocabulary; a teacher with its own '
-                     'tokenizer needs a cross-tokenizer method (algorithm.name=\'cross_tokenizer\')')
+                     'tokenizer needs a cross-tokenizer method '
+                     '(algorithm.name=\'cross_tokenizer\')')
   if not name:
     return None
   return CharTokenizer() if name == 'char' else HFTokenizer(name)
