@@ -59,10 +59,6 @@ class CrossTokenizer(hooks.Objective):
     if run.teacher_tokenizer is None:
       raise ValueError(f'algorithm {self.config.algorithm.name!r} needs the teacher\'s tokenizer: '
                        'set config.teacher.tokenizer')
-    if run.teacher_server is not None:
-      raise ValueError(f'algorithm {self.config.algorithm.name!r} runs the teacher on its own '
-                       'token ids inside the step; a served teacher (config.teacher.server) '
-                       'cannot do that: use config.teacher.checkpoint')
     for name in ('span_weight', 'vocab_weight'):
       self.real_in(name, 0.0, float('inf'))
     self.vocab_sizes = (run.tokenizer.vocab_size, run.teacher_tokenizer.vocab_size)
