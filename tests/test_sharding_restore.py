@@ -1,5 +1,6 @@
 """A checkpoint written on 8 devices resumes on 2 and back (Orbax restores each array into the
-new mesh's shardings), continuing the loss curve of the uninterrupted 8-device run."""
+new mesh's shardings), continuing the loss curve of the uninterrupted 8-device run. Onto 2
+processes x 2 devices and back: experiments/sharding_matrix/restore_hosts.py."""
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ def _config(devices: int):
   return config
 
 
-def _rewind(workdir, step: int):
+def rewind(workdir, step: int):
   """The workdir as a run killed after checkpoint `step` leaves it; the lines logged until
   then are marked, so the resumed run shows it kept them (a fresh start would rewrite them)."""
   for name in os.listdir(os.path.join(workdir, 'checkpoints')):
@@ -34,7 +35,7 @@ def _rewind(workdir, step: int):
     f.writelines(json.dumps(r) + '\n' for r in rows)
 
 
-def _losses(workdir):
+def logged_losses(workdir):
   return [(r['step'], r['loss']) for r in read_metrics(workdir) if 'loss' in r]
 
 
@@ -42,11 +43,11 @@ def test_checkpoint_moves_from_8_devices_to_2_and_back(tmp_path):
   straight, moved = str(tmp_path / 'straight'), str(tmp_path / 'moved')
   trainer.train(_config(8), straight)
   shutil.copytree(straight, moved)
-  _rewind(moved, 2)
+  rewind(moved, 2)
   trainer.train(_config(2), moved)       # steps 3-6 on 2 devices, from the 8-device step 2
-  _rewind(moved, 4)
+  rewind(moved, 4)
   trainer.train(_config(8), moved)       # steps 5-6 on 8 devices, from the 2-device step 4
   assert [r['step'] for r in read_metrics(moved) if r.get(MARK)] == [2, 4]
-  want, got = _losses(straight), _losses(moved)
+  want, got = logged_losses(straight), logged_losses(moved)
   assert [s for s, _ in got] == [s for s, _ in want] == [2, 4, 6]
   np.testing.assert_allclose([l for _, l in got], [l for _, l in want], rtol=2e-5)

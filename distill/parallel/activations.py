@@ -6,6 +6,10 @@ ModelConfig field (those count for a run's identity and a teacher's fingerprint)
 `Layout` the step builder enters while the step is traced (`traced_under`), and
 distill.models.transformer reads it at trace time. Outside one (evaluation, sampling from a
 notebook, export) the model constrains nothing and keeps its config's remat.
+
+JAX caches a traced function by its identity, not by the layout: a function traced once (a
+module-level jitted function, say) keeps the layout of its first trace. So a layout wraps a
+function made for it, as make_step's fresh step function is.
 """
 from __future__ import annotations
 

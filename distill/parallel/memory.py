@@ -64,8 +64,8 @@ def check(report: dict, limit: int | None) -> None:
   if limit is not None and report['total'] > limit:
     raise DoesNotFit(
         f'the step does not fit: {describe(report, limit)}. Lower data.batch_size or raise '
-        'data.grad_accum_steps, set model.remat=True, shard over more devices (mesh.fsdp, '
-        'mesh.tensor, teacher.sharding) or set teacher.dtype=bfloat16')
+        'data.grad_accum_steps, set model.remat_policy=full, shard over more devices '
+        '(mesh.fsdp, mesh.tensor, teacher.sharding) or set teacher.dtype=bfloat16')
 
 
 def checked_step(step_fn, configured_gb: float = 0.0, log=print):
