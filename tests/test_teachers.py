@@ -190,11 +190,15 @@ def teacher_dirs(tmp_path_factory):
 
 
 def test_route_field_reaches_the_batch(routed_data, teacher_dirs, tmp_path):
+  from distill.train import trainer
   root, rows = routed_data
   run = run_lib.build_run(_student_config(root, teacher_dirs, routes=('math', 'text')),
                           str(tmp_path))
   assert teachers.is_ensemble(run.teacher_graphdef) and run.teacher_graphdef.names == (
       'math', 'text')
+  method = trainer.make_method(run)   # supervised: the dataset's rows, with their routes
+  assert teachers.ROUTE_FIELD in method.rows.fields
+  assert isinstance(method.objective, teachers.MixedTeachers)
   batch = next(run_lib.train_iterator(run))
   tokenizer = CharTokenizer()
   by_prompt = {r['prompt']: ('math', 'text').index(r['teacher_route']) for r in rows}

@@ -122,10 +122,11 @@ class MixedTeachers(divergence.Divergence):
   needs_teacher = True
 
   def check_rows(self, rows: hooks.Rows) -> None:
-    if not (type(rows) is hooks.Rows or  # noqa: E721 - the dataset's rows as they come
+    rows_cls = getattr(rows, 'routed_from', type(rows))   # the method's own rows hook
+    if not (rows_cls is hooks.Rows or   # the dataset's rows as they come
             (isinstance(rows, rollout.Sampled) and not rows.teacher_generates)):
       raise ValueError(f'algorithm {self.config.algorithm.name!r}: its rows '
-                       f'({type(rows).__name__}) run the teacher themselves, which several '
+                       f'({rows_cls.__name__}) run the teacher themselves, which several '
                        'teachers (config.teachers.more) do not support; use rows from the data '
                        'or the student\'s samples (supervised, gkd without seq_kd, distillm)')
 
@@ -177,6 +178,7 @@ def routed_rows(rows_cls: type[hooks.Rows]) -> type[hooks.Rows]:
 
   class Routed(rows_cls):
     fields = tuple(rows_cls.fields) + (ROUTE_FIELD,)
+    routed_from = rows_cls
 
     def draw(self, ctx, inputs, batch):
       drawn = super().draw(ctx, inputs, batch)
