@@ -130,6 +130,19 @@ def test_a_study_names_its_methods_and_many_run_directories_by_their_parent(tmp_
   assert header == f'Runs: 12 directories under {tmp_path / "sweep"}\n'
 
 
+def test_a_torn_run_record_is_left_out_with_a_warning_naming_it(tmp_path):
+  write_sweep(tmp_path / 'sweep')
+  torn = tmp_path / 'sweep' / 'algorithm.name=gkd,model.preset=tiny,seed=0' / 'final_metrics.json'
+  torn.write_text(torn.read_text()[:10])
+  curve = tmp_path / 'sweep' / 'algorithm.name=gkd,model.preset=tiny,seed=1' / 'metrics.jsonl'
+  curve.write_text(curve.read_text() + '{"step": 6, "lo')
+  with pytest.warns(UserWarning) as caught:
+    runs = report.load_runs([str(tmp_path / 'sweep')])
+  assert len(runs) == 11
+  messages = ' '.join(str(w.message) for w in caught)
+  assert str(torn) in messages and str(curve) in messages
+
+
 def test_no_finished_runs_is_refused_before_writing(tmp_path):
   os.makedirs(tmp_path / 'empty' / 'run_without_final')
   (tmp_path / 'empty' / 'run_without_final' / 'config.json').write_text('{}')

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 
 from distill.sweep import plan as plan_lib
 from distill.train import config as config_lib
@@ -73,18 +74,34 @@ def _train_seconds(curve: list[dict], tokens_per_step: int) -> float:
   return seconds
 
 
-def load_run(path: str, defaults: dict | None = None) -> RunRecord:
-  """The run in `path`; fields its config.json predates take the schema's defaults."""
+def _curve(path: str) -> list[dict]:
+  """metrics.jsonl's records; a torn last line (a run killed while logging) is left out."""
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    lines = [line for line in f if line.strip()]
+  curve = []
+  for i, line in enumerate(lines):
+    try:
+      curve.append(json.loads(line))
+    except ValueError:
+      if i < len(lines) - 1:
+        raise ValueError(f'{path} line {i + 1} is not JSON: {line[:80]!r}') from None
+      warnings.warn(f'{path}: its torn last line is left out of the learning curve')
+  return curve
+
+
+def load_run(path: str, defaults: dict | None = None) -> RunRecord | None:
+  """The run in `path`; fields its config.json predates take the schema's defaults. None (with
+  a warning naming the file) when its config.json or final_metrics.json is torn or corrupt."""
   if defaults is None:
     defaults = plan_lib.flat_config(config_lib.base_config())
-  with open(os.path.join(path, 'config.json')) as f:
-    config = {**defaults, **plan_lib.flatten(json.load(f))}
-  with open(os.path.join(path, 'final_metrics.json')) as f:
-    final = json.load(f)
-  curve = []
-  if os.path.exists(os.path.join(path, 'metrics.jsonl')):
-    with open(os.path.join(path, 'metrics.jsonl')) as f:
-      curve = [json.loads(line) for line in f if line.strip()]
+  saved = plan_lib.read_record(os.path.join(path, 'config.json'))
+  final = plan_lib.read_record(os.path.join(path, 'final_metrics.json'))
+  if saved is None or final is None:
+    return None
+  config = {**defaults, **plan_lib.flatten(saved)}
+  curve = _curve(os.path.join(path, 'metrics.jsonl'))
   tokens_per_step = config['data.batch_size'] * (config['task.prompt_len'] +
                                                  config['task.completion_len'])
   final = {**final, 'tokens': config['total_steps'] * tokens_per_step,
@@ -102,7 +119,10 @@ def load_runs(directories: list[str]) -> list[RunRecord]:
                        'with config.json and final_metrics.json)')
     paths += found
   defaults = plan_lib.flat_config(config_lib.base_config())
-  runs = [load_run(p, defaults) for p in dict.fromkeys(paths)]
+  runs = [run for run in (load_run(p, defaults) for p in dict.fromkeys(paths)) if run]
+  if not runs:
+    raise ValueError(f'no readable finished runs under {", ".join(directories)} (their '
+                     'records are torn or corrupt; see the warnings)')
   check_comparable(runs)
   label_methods(runs)
   return runs
