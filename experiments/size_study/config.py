@@ -36,6 +36,16 @@ METHOD_STEPS = 150
 SEQKD_PROMPTS = 4096
 STUDY_DIR = 'workdirs/size_study'   # run.py's default --study_dir
 TEACHER = 'teacher-1m'
+# The learning rate the study chose for each method on each task (report/study.json, from
+# the grid 1e-3 / 3e-4 / 1e-4 at student-100k): what a continuation runs at unless a sweep
+# sets another (run.py sets each point's). 4-digit arithmetic takes 2-digit's choices;
+# MiniLLM, not in the study, takes on-policy reverse KL's.
+LEARNING_RATES = {
+    'arithmetic': {'gt': 1e-3, 'kd': 1e-3, 'seqkd': 1e-3, 'gkd': 1e-3, 'distillm': 1e-3,
+                   'onpolicy': 1e-4, 'taid': 1e-3, 'minillm': 1e-4},
+    'hmm': {'gt': 1e-3, 'kd': 1e-3, 'seqkd': 1e-4, 'gkd': 1e-3, 'distillm': 1e-3,
+            'onpolicy': 1e-3, 'taid': 1e-3, 'minillm': 1e-3},
+}
 TASKS = {'arithmetic': ('arithmetic', 2), 'arithmetic4': ('arithmetic', 4), 'hmm': ('hmm', None)}
 
 
@@ -100,6 +110,7 @@ def get_config(arg=None):
     # A continuation: a short warm-up, the learning rate is the study's per-method choice.
     c.total_steps = METHOD_STEPS
     c.optimizer.warmup_steps = 20
+    c.optimizer.learning_rate = LEARNING_RATES['hmm' if task == 'hmm' else 'arithmetic'][method]
   c.checkpoint_steps = c.total_steps
   if 'small' in options:
     make_small(c)
