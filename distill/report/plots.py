@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import matplotlib.pyplot as plt
+from matplotlib import ticker
 import numpy as np
 
 from distill.report.runs import HIGHER_IS_BETTER
@@ -48,6 +49,13 @@ def _legend_and_layout(fig, ax):
   fig.tight_layout(rect=(0, legend_inches / fig.get_figheight(), 1, 1))
 
 
+def _size_ticks(ax, params: list[int]) -> None:
+  """The students' sizes as the x ticks: a log axis's own minor labels overlap at the spans
+  a size sweep covers."""
+  ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+  ax.set_xticks(params, [compact(p) for p in params])
+
+
 def compact(params: int) -> str:
   """9232 -> '9.2k', 1_200_000 -> '1.2M'."""
   for scale, unit in ((1e9, 'B'), (1e6, 'M'), (1e3, 'k')):
@@ -81,6 +89,7 @@ def metric_vs_params(groups: list[Group]):
       half = np.nan_to_num(np.array([g.metrics[metric][1] for g in mine]))
       ax.errorbar(x, mean, yerr=half, marker='o', capsize=3, color=colours[method], label=method)
     ax.set_xscale('log')
+    _size_ticks(ax, sorted({g.params for g in groups}))
     ax.set_xlabel('student parameters')
     ax.set_title(metric + (' (higher is better)' if metric in HIGHER_IS_BETTER else
                            ' (lower is better)'), fontsize='medium')
