@@ -128,5 +128,8 @@ def test_evaluate_cli_on_the_quantized_student(qad_run, qad_gguf, tmp_path, caps
   if 'skipped' in out['llama_cpp']:   # llama-cpp-python is an optional extra
     assert 'llama-cpp-python is not installed' in printed
   else:
-    assert out['llama_cpp']['max_abs_logit_diff_vs_jax'] < 1e-2
+    # llama.cpp multiplies quantized weights with activations it quantizes to 8 bits (Q8_0 /
+    # Q8_K blocks), so its logits differ from the dequantized float ones by ~1e-2
+    # (experiments/quantized_student/llama_cpp_agreement.json: 0.014 at Q4_K_M).
+    assert out['llama_cpp']['max_abs_logit_diff_vs_jax'] < 0.1
   assert quantized.main(['--model=/nonexistent.gguf', f'--reference={workdir}']) == 2
