@@ -40,8 +40,7 @@ _SIZES = flags.DEFINE_list('sizes', ['student-15k', 'student-40k', 'student-100k
 _TASKS = flags.DEFINE_list('tasks', ['arithmetic', 'hmm'], 'Tasks of the main grid.')
 _METHODS = flags.DEFINE_list('methods', ['gt', 'kd', 'seqkd', 'gkd', 'distillm', 'onpolicy',
                                          'taid'], 'Methods (experiments/size_study/config.py).')
-_LR_GRID = flags.DEFINE_list('lr_grid', ['2e-3', '1e-3', '3e-4', '1e-4'],
-                             'Learning rates tried (2e-3: the warm starts\' own).')
+_LR_GRID = flags.DEFINE_list('lr_grid', ['1e-3', '3e-4', '1e-4'], 'Learning rates tried.')
 _LR_SIZE = flags.DEFINE_string('lr_size', 'student-100k', 'The size the grid runs at.')
 _AXIS_TEACHERS = flags.DEFINE_list('axis_teachers', ['student-500k', 'teacher-1m',
                                                      'student-2m'],
