@@ -38,11 +38,12 @@ def test_every_layout_gives_the_losses_of_one_device(algorithm):
                                err_msg=name)
 
 
-def test_accumulated_micro_batches_equal_the_whole_batch():
+@pytest.mark.parametrize('algorithm', ['supervised', 'hidden_kd'])
+def test_accumulated_micro_batches_equal_the_whole_batch(algorithm):
   """data.grad_accum_steps=4 on a 2-device mesh: the losses and gradient norms of the batch
-  taken whole, in fp32."""
-  whole, _, _ = losses_of(make_config('supervised', {'data': 2}))
-  accumulated, _, _ = losses_of(make_config('supervised', {'data': 2}, grad_accum_steps=4))
+  taken whole, in fp32 (hidden_kd: two terms with their own normalisers)."""
+  whole, _, _ = losses_of(make_config(algorithm, {'data': 2}))
+  accumulated, _, _ = losses_of(make_config(algorithm, {'data': 2}, grad_accum_steps=4))
   np.testing.assert_allclose(accumulated, whole, rtol=1e-6)
 
 

@@ -113,6 +113,9 @@ class HiddenStates(divergence.Divergence):
     hidden_loss = hidden_sum / jnp.maximum(hidden_normaliser, 1e-9)
     loss = logit_loss + self.options['weight'] * hidden_loss
     one = jnp.float32(1.0)
-    return loss, {'loss': (loss, one), 'logit_loss': (logit_sum, normaliser),
+    # The loss as (sum, normaliser) over the logit term's tokens, the pair gradient
+    # accumulation weights micro-batches by (exact when the hidden term counts the same
+    # positions, positions='completion').
+    return loss, {'loss': (loss * normaliser, normaliser), 'logit_loss': (logit_sum, normaliser),
                   'hidden_loss': (hidden_sum, hidden_normaliser),
                   'tokens': (batch['loss_mask'].sum(), one)}
