@@ -168,18 +168,16 @@ def execute(study: 'Study', plans, pool) -> None:
     launch.write_tables(plan)
 
 
-def _final(run) -> dict:
-  with open(os.path.join(run.workdir, 'final_metrics.json')) as f:
-    return json.load(f)
-
-
 def choose_lrs(study: Study, plans_by_method: dict, task: str) -> dict:
   """{method: (chosen lr, {lr: metric})}: the grid's best by the task's selection metric."""
   metric, best = SELECT_BY['hmm' if task == 'hmm' else 'arithmetic']
   choice = {}
+  from distill.sweep import plan as plan_lib
   for method, plan in plans_by_method.items():
-    scores = {run.point['optimizer.learning_rate']: _final(run)[metric] for run in plan.runs
-              if os.path.exists(os.path.join(run.workdir, 'final_metrics.json'))}
+    records = {run.point['optimizer.learning_rate']:
+               plan_lib.read_record(os.path.join(run.workdir, 'final_metrics.json'))
+               for run in plan.runs}
+    scores = {lr: record[metric] for lr, record in records.items() if record}
     if not scores:
       raise RuntimeError(f'no run of the {method} learning-rate grid on {task} finished')
     choice[method] = (best(scores, key=scores.get), scores)
