@@ -206,6 +206,31 @@ def test_torn_sweep_records_are_not_finished_runs_and_are_kept(tmp_path, damage)
   assert [r.state() for r in plan.runs] == ['finished', 'interrupted']
 
 
+def test_a_record_write_that_fails_midway_leaves_the_previous_record(tmp_path, monkeypatch):
+  """Run records go through atomic_file: a write that dies after its bytes went out (here the
+  disk fills at fsync) or a value that cannot be serialised leaves the old record whole."""
+  import errno
+  import json
+  from distill import atomic_file
+  path = str(tmp_path / 'final_metrics.json')
+  atomic_file.write_json(path, {'ce': 1.5}, indent=1)
+
+  def disk_full(fd):
+    raise OSError(errno.ENOSPC, 'No space left on device')
+  with monkeypatch.context() as patched:
+    patched.setattr(os, 'fsync', disk_full)
+    with pytest.raises(OSError, match='No space left'):
+      atomic_file.write_json(path, {'ce': 0.5, 'padding': 'x' * 100_000}, indent=1)
+  with pytest.raises(TypeError, match='not JSON serializable'):
+    atomic_file.write_json(path, {'ce': object()})
+  with open(path) as f:
+    assert json.load(f) == {'ce': 1.5}
+  assert os.listdir(tmp_path) == ['final_metrics.json']   # no temp file left behind
+  atomic_file.write_json(path, {'ce': 0.5})
+  with open(path) as f:
+    assert json.load(f) == {'ce': 0.5}
+
+
 def test_resumed_metrics_drop_later_final_and_torn_lines(tmp_path):
   """A run resumed at its last step logs its final evaluation again: the old one goes, as
   does a last line a kill cut short; a bad line before the end is an error naming it."""

@@ -11,6 +11,8 @@ import json
 import os
 import zlib
 
+from distill import atomic_file
+
 CHECKSUMS = 'checksums.json'
 _CHUNK = 1 << 20
 
@@ -37,10 +39,8 @@ def file_checksums(directory: str) -> dict[str, list[int]]:
 
 def record(directory: str) -> None:
   """Writes `directory`/checksums.json for its files as they are now."""
-  path = os.path.join(directory, CHECKSUMS)
-  with open(path + '.tmp', 'w') as f:
-    json.dump(file_checksums(directory), f, indent=0, sort_keys=True)
-  os.replace(path + '.tmp', path)
+  atomic_file.write_json(os.path.join(directory, CHECKSUMS), file_checksums(directory), indent=0,
+                         sort_keys=True)
 
 
 def problems(directory: str) -> list[str] | None:

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from distill import atomic_file
 from distill.data import integrity, pipeline
 from distill.parallel import mesh as mesh_lib
 
@@ -125,12 +126,6 @@ def _shard_dir(directory: str, shard: int) -> str:
   return os.path.join(directory, f'shard-{shard:05d}')
 
 
-def _write_json(path: str, value: dict) -> None:
-  with open(path + '.tmp', 'w') as f:
-    json.dump(value, f, indent=1, sort_keys=True)
-  os.replace(path + '.tmp', path)
-
-
 def _torn_shards(directory: str, num_shards: int) -> set[int]:
   """Shards whose files differ from their recorded checksums (warned, named): rewritten."""
   torn = set()
@@ -186,7 +181,7 @@ def write(directory: str, identity: dict, *, num_rows: int, rows_per_shard: int,
     for name in os.listdir(directory):   # shards a killed writer left half-written
       if name.endswith('.tmp') and name.startswith('shard-'):
         shutil.rmtree(os.path.join(directory, name))
-    _write_json(os.path.join(directory, MANIFEST), manifest)
+    atomic_file.write_json(os.path.join(directory, MANIFEST), manifest, indent=1, sort_keys=True)
   written = 0
   for shard in missing:
     if stop_after_shards is not None and written == stop_after_shards:
@@ -203,11 +198,11 @@ def write(directory: str, identity: dict, *, num_rows: int, rows_per_shard: int,
         np.save(os.path.join(tmp, f'{name}.npy'), value)
       integrity.record(tmp)
       os.rename(tmp, _shard_dir(directory, shard))
-      _write_json(os.path.join(directory, MANIFEST), manifest)
+      atomic_file.write_json(os.path.join(directory, MANIFEST), manifest, indent=1, sort_keys=True)
     written += 1
   manifest['complete'] = True
   if writer:
-    _write_json(os.path.join(directory, MANIFEST), manifest)
+    atomic_file.write_json(os.path.join(directory, MANIFEST), manifest, indent=1, sort_keys=True)
   _sync('teacher-cache-done')
   print(f'{label}: wrote {num_rows} rows to {directory} (computed {written} of {num_shards} '
         'shards in this run)', flush=True)

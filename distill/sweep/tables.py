@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 
+from distill import atomic_file
 from distill.sweep import plan as plan_lib
 
 # Metrics shown first in the table, when present (the rest follow alphabetically).
@@ -49,7 +50,4 @@ def markdown_table(results: list[dict]) -> str:
 def write_tables(workdir: str, results: list[dict]) -> None:
   for name, text in (('results.json', json.dumps(results, indent=1, default=float)),
                      ('results.md', markdown_table(results))):
-    path = os.path.join(workdir, name)
-    with open(path + '.tmp', 'w') as f:
-      f.write(text)
-    os.replace(path + '.tmp', path)
+    atomic_file.write_text(os.path.join(workdir, name), text)

@@ -29,6 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from distill import atomic_file
 from distill.data import integrity
 
 IDENTITY_FILE = 'identity.json'
@@ -98,8 +99,7 @@ class Checkpointer:
             '\n  '.join(problems))
     elif jax.process_index() == 0:
       os.makedirs(self.directory, exist_ok=True)
-      with open(path, 'w') as f:
-        json.dump(self.identity, f, indent=1, sort_keys=True)
+      atomic_file.write_json(path, self.identity, indent=1, sort_keys=True)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

@@ -18,6 +18,8 @@ import warnings
 
 import jax
 
+from distill import atomic_file
+
 
 def quiet_libraries():
   """Orbax and friends log every save at INFO; keep the console for the progress bar
@@ -74,10 +76,7 @@ class MetricsWriter:
     kept = [line for line, r in zip(lines, records)
             if r.get('step', 0) <= step and not any(k.startswith('final/') for k in r)]
     if len(kept) != len(lines):
-      tmp = self.path + '.tmp'
-      with open(tmp, 'w') as f:
-        f.writelines(kept)
-      os.replace(tmp, self.path)
+      atomic_file.write_text(self.path, ''.join(kept))
 
   def write(self, step: int, metrics: dict, *, check_finite: tuple[str, ...] = ('loss',)):
     for name in check_finite:

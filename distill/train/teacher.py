@@ -10,6 +10,7 @@ import os
 
 from jax.sharding import Mesh
 
+from distill import atomic_file
 from distill.algorithms import teachers as teachers_lib
 from distill.algorithms.hooks import is_real
 from distill.data.hf_tokenizer import HFTokenizer
@@ -24,8 +25,8 @@ PARAMS_DIR = 'params'
 
 def export_final(workdir: str, model_config: ModelConfig, params):
   checkpoint.save_params(os.path.join(workdir, PARAMS_DIR), params)
-  with open(os.path.join(workdir, MODEL_FILE), 'w') as f:
-    json.dump(dataclasses.asdict(model_config), f, indent=1)
+  atomic_file.write_json(os.path.join(workdir, MODEL_FILE), dataclasses.asdict(model_config),
+                         indent=1)
 
 
 def has_export(workdir: str) -> bool:

@@ -7,13 +7,13 @@ its last checkpoint and ends bit-identical on CPU.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 
 import jax
 
 from distill import algorithms
+from distill import atomic_file
 from distill.eval import evaluate as eval_lib
 from distill.models import count_params
 from distill.parallel import mesh as mesh_lib
@@ -111,8 +111,7 @@ def _train(config, workdir: str) -> dict:
   writer.write(config.total_steps, {f'final/{k}': v for k, v in final.items()}, check_finite=())
   writer.close()
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'final_metrics.json'), 'w') as f:
-      json.dump(final, f, indent=1)
+    atomic_file.write_json(os.path.join(workdir, 'final_metrics.json'), final, indent=1)
   teacher_lib.export_final(workdir, run.model_config, state['params'])
   return final
 
@@ -120,8 +119,8 @@ def _train(config, workdir: str) -> dict:
 def _write_run_files(run: run_lib.Run, params):
   if jax.process_index() != 0:
     return
-  with open(os.path.join(run.workdir, 'config.json'), 'w') as f:
-    f.write(run.config.to_json_best_effort(indent=1, sort_keys=True))
+  atomic_file.write_text(os.path.join(run.workdir, 'config.json'),
+                         run.config.to_json_best_effort(indent=1, sort_keys=True))
   print(f'student {run.config.model.preset}: {count_params(params):,} parameters'
         + (f'; teacher: {count_params(run.teacher_params):,}' if run.teacher_params else '')
         + f'; mesh {dict(run.mesh.shape)} over {run.mesh.size} devices in '
