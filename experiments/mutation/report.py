@@ -68,8 +68,8 @@ def render() -> str:
                + (f'; unmutated baseline: {base["summary"]} in {base["seconds"]:.0f} s'
                   if base else ''))
   out += ['', '## Per mutant', '',
-          '| mutant | file | planted bug | covering tests | first pass | '
-          + ' | '.join(f'`{r["label"]}`' for r in later) + ' |',
+          '| ' + ' | '.join(['mutant', 'file', 'planted bug', 'covering tests', 'first pass']
+                           + [f'`{r["label"]}`' for r in later]) + ' |',
           '|---|---|---|---|---|' + '---|' * len(later)]
   for m in MUTANTS:
     tests = ', '.join(t.removeprefix('tests/') for t in m.tests)

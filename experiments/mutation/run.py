@@ -23,6 +23,7 @@ import os
 import pathlib
 import platform
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -55,7 +56,11 @@ def _drop_bytecode(path: pathlib.Path) -> None:
 
 
 def _pytest(tree: pathlib.Path, tests, first, timeout: float) -> dict:
-  env = dict(os.environ, PYTHONPATH=str(tree), MUTATION_FIRST='\n'.join(first))
+  # One persistent compilation cache for the CLI runs the tests start (tests/conftest.py), kept
+  # across mutants: a program the mutant did not change compiles once for the whole pass, and
+  # a changed one has another cache key.
+  env = dict(os.environ, PYTHONPATH=str(tree), MUTATION_FIRST='\n'.join(first),
+             DISTILL_TEST_COMPILE_CACHE=str(tree.parent / 'compile-cache'))
   cmd = [sys.executable, '-m', 'pytest', '-x', '-q', '-p', 'no:cacheprovider',
          '-p', 'experiments.mutation.first', *tests]
   start = time.perf_counter()
@@ -91,6 +96,7 @@ def _worktree() -> pathlib.Path:
   tree = pathlib.Path(tempfile.mkdtemp(prefix='distill-mutation-')) / 'tree'
   subprocess.run(['git', 'worktree', 'add', '--detach', str(tree), 'HEAD'], cwd=REPO, check=True,
                  capture_output=True)
+  (tree.parent / 'compile-cache').mkdir()
   return tree
 
 
@@ -139,14 +145,21 @@ def main(argv=None) -> None:
       record['results'][m.id] = {k: result[k] for k in ('outcome', 'seconds', 'failed', 'summary')}
       print(f'{m.id}: {result["outcome"]} in {result["seconds"]} s {result["failed"]}',
             flush=True)
+      _save(record, started, complete=False)   # a pass stopped early keeps what it found
+    _save(record, started, complete=True)
   finally:
     subprocess.run(['git', 'worktree', 'remove', '--force', str(tree)], cwd=REPO,
                    capture_output=True)
-  record['wall_s'] = round(time.perf_counter() - started, 1)
-  RUNS.mkdir(exist_ok=True)
-  (RUNS / f'{args.label}.json').write_text(json.dumps(record, indent=1) + '\n')
-  report.write()
+    shutil.rmtree(tree.parent, ignore_errors=True)
   print(f'{len(mutants)} mutants in {record["wall_s"]} s; runs/{args.label}.json, results.md')
+
+
+def _save(record: dict, started: float, *, complete: bool) -> None:
+  """Writes runs/LABEL.json and regenerates results.md."""
+  record.update(wall_s=round(time.perf_counter() - started, 1), complete=complete)
+  RUNS.mkdir(exist_ok=True)
+  (RUNS / f'{record["label"]}.json').write_text(json.dumps(record, indent=1) + '\n')
+  report.write()
 
 
 if __name__ == '__main__':
