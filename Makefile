@@ -34,9 +34,11 @@ bench-device: $(STAMP)
 	$(PY) -m distill.bench.device --out=experiments/bench/results-device.jsonl $(BENCH_ARGS)
 
 # Every data regime SIGKILLed at random points and restarted, then torn checkpoints, caches and
-# sweep records (experiments/faults/README.md): the figures, also in experiments/faults/results.md.
+# sweep records (experiments/faults/README.md): the figures, also in experiments/faults/results.md;
+# then the fuzz cases' outcomes counted (experiments/faults/results-fuzz.md).
 faults: $(STAMP)
 	$(PY) -m experiments.faults.run --out=experiments/faults/results.md $(FAULTS_ARGS)
+	$(PY) -m experiments.faults.fuzz --out=experiments/faults/results-fuzz.md
 
 clean-venv:
 	rm -rf $(VENV)
