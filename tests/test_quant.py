@@ -1,6 +1,7 @@
 """Quantization-aware distillation: the JAX fake quantizers are the GGUF export's values, bit for
 bit; gradients pass straight through; a QAD run trains and exports the weights it trained with."""
 import json
+import re
 import warnings
 
 import gguf
@@ -11,7 +12,7 @@ import pytest
 from flax import nnx
 
 from distill.data.tokenizer import CharTokenizer
-from distill.eval import quantized
+from distill.eval import gguf_model, quantized
 from distill.models import gguf_arch, gguf_export, gguf_quants
 from distill.quant import blocks
 from distill.quant import student as quant
@@ -133,3 +134,44 @@ def test_evaluate_cli_on_the_quantized_student(qad_run, qad_gguf, tmp_path, caps
     # (experiments/quantized_student/llama_cpp_agreement.json: 0.014 at Q4_K_M).
     assert out['llama_cpp']['max_abs_logit_diff_vs_jax'] < 0.1
   assert quantized.main(['--model=/nonexistent.gguf', f'--reference={workdir}']) == 2
+
+
+def test_evaluate_refuses_a_gguf_of_another_tokenizer_before_building(qad_run, qad_gguf,
+                                                                       monkeypatch, capsys):
+  workdir, _ = qad_run
+  monkeypatch.setattr(quantized.run_lib, 'build_run',
+                      lambda *a: pytest.fail('the run was built before the tokenizer check'))
+  hf_teacher = 'tests/fixtures/hf/llama_gqa'   # a byte-level BPE tokenizer; the GGUF's is char
+  assert quantized.main([f'--model={qad_gguf[0]}', f'--reference={workdir}',
+                         f'--teacher={hf_teacher}']) == 2
+  error = capsys.readouterr().err
+  assert re.search(r"tokenizer differs from the teacher's: the GGUF's gguf-[0-9a-f]{16} \(\d+ "
+                   r"tokens\), the teacher's tokenizer hf-[0-9a-f]{16} \(150 tokens\)", error), error
+
+
+def _vocabulary_only_gguf(path: str, tokens: list[str], bos_id: int) -> str:
+  writer = gguf.GGUFWriter(path, 'llama')
+  writer.add_tokenizer_model('gpt2')
+  writer.add_token_list(tokens)
+  writer.add_bos_token_id(bos_id)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.close()
+  return path
+
+
+def test_tokenizer_check_names_the_first_differing_token(tmp_path):
+  tokenizer = CharTokenizer()
+  tokens = gguf_export.token_list(tokenizer, 64)
+  gguf_model.check_tokenizer(_vocabulary_only_gguf(str(tmp_path / 'same.gguf'), tokens, 1),
+                             tokenizer, "the teacher's")
+  tokens[7] = 'x'   # '4' in the character vocabulary
+  with pytest.raises(ValueError, match=r"token 7 is 'x' in the GGUF, '4' in the teacher's; "
+                                       r"the GGUF's gguf-[0-9a-f]{16} \(64 tokens\), the "
+                                       r"teacher's tokenizer char-[0-9a-f]{16} \(46 tokens\)"):
+    gguf_model.check_tokenizer(_vocabulary_only_gguf(str(tmp_path / 'x.gguf'), tokens, 1),
+                               tokenizer, "the teacher's")
+  tokens[7] = '4'
+  with pytest.raises(ValueError, match=r"its BOS id is 3, the teacher's tokenizer's 1"):
+    gguf_model.check_tokenizer(_vocabulary_only_gguf(str(tmp_path / 'bos.gguf'), tokens, 3),
+                               tokenizer, "the teacher's")

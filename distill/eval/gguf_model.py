@@ -12,6 +12,7 @@ ModelConfig of the model that was exported (e.g. the unquantized student's).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 
 import gguf
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distill.models import gguf_arch, hf, sharded
+from distill.models import gguf_arch, gguf_export, hf, sharded
 from distill.models.config import ModelConfig
 
 _FROM_METADATA = ('llama', 'qwen2', 'qwen3')
@@ -55,6 +56,38 @@ def config_from_metadata(reader: gguf.GGUFReader) -> ModelConfig:
       max_seq_len=int(get('context_length')), rope_theta=float(get('rope.freq_base')),
       norm_eps=float(get('attention.layer_norm_rms_epsilon')), qk_norm=arch == 'qwen3',
       qkv_bias='blk.0.attn_q.bias' in names, tie_embeddings='output.weight' not in names)
+
+
+def _fingerprint(tokens: list[str]) -> str:
+  return 'gguf-' + hashlib.sha256('\x00'.join(tokens).encode()).hexdigest()[:16]
+
+
+def check_tokenizer(path: str, tokenizer, whose: str):
+  """Refuses the GGUF file `path` unless its vocabulary is the one `tokenizer` (`whose`, e.g.
+  "the teacher's") exports as: the same tokens at the same ids and the same BOS/EOS/pad ids.
+  Reads the file's metadata only, so a mismatch is named before anything compiles."""
+  reader = gguf.GGUFReader(path)
+  tokens = _field(reader, 'tokenizer.ggml.tokens')
+  if tokens is None:
+    raise ValueError(f'{path} holds no vocabulary (exported without a tokenizer): cannot tell '
+                     f'whether it reads text as {whose} tokenizer ({tokenizer.fingerprint()}) does')
+  theirs = f'{whose} tokenizer {tokenizer.fingerprint()} ({tokenizer.vocab_size} tokens)'
+  ours = f'the GGUF\'s {_fingerprint(tokens)} ({len(tokens)} tokens)'
+  if tokenizer.vocab_size > len(tokens):
+    raise ValueError(f'{path}: its tokenizer differs from {whose}: {ours}, {theirs}')
+  try:
+    expected = gguf_export.token_list(tokenizer, len(tokens))
+  except ValueError as e:   # a tokenizer the export cannot write: no GGUF holds it
+    raise ValueError(f'{path}: its tokenizer cannot be {whose} ({e})') from e
+  for i, (got, want) in enumerate(zip(tokens, expected)):
+    if got != want:
+      raise ValueError(f'{path}: its tokenizer differs from {whose}: token {i} is {got!r} in the '
+                       f'GGUF, {want!r} in {whose}; {ours}, {theirs}')
+  for name in ('bos', 'eos', 'pad'):
+    got, want = _field(reader, f'tokenizer.ggml.{name}_token_id'), getattr(tokenizer, f'{name}_id')
+    if got is not None and int(got) != want:
+      raise ValueError(f'{path}: its {name.upper()} id is {got}, {whose} tokenizer\'s {want}; '
+                       f'{ours}, {theirs}')
 
 
 def hf_named_tensors(reader: gguf.GGUFReader, cfg: ModelConfig, arch: str) -> dict:

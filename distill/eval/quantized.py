@@ -18,6 +18,9 @@ and, when llama-cpp-python is installed and --model is a GGUF, a llama.cpp colum
 teacher-forced through llama.cpp, its CE and top-1 agreement with the teacher, and its agreement
 with the JAX logits (max |logit difference| over completion positions). Without it the column
 says why it is empty.
+
+A GGUF whose vocabulary is not the teacher's (without --teacher: the task's tokenizer) is refused
+before anything loads or compiles, naming the first differing token and both fingerprints.
 """
 from __future__ import annotations
 
@@ -34,6 +37,8 @@ import gguf
 import numpy as np
 
 from distill import provenance
+from distill.data.hf_tokenizer import HFTokenizer
+from distill.data.tokenizer import CharTokenizer
 from distill.eval import evaluate as eval_lib
 from distill.eval import gguf_model
 from distill.train import config as config_lib
@@ -156,14 +161,36 @@ def llama_cpp_column(path: str, run, batches, jax_logits_fn) -> dict:
   return out
 
 
+def _tokenizer(name: str):
+  return HFTokenizer(name) if name else CharTokenizer()
+
+
+def teacher_tokenizer(args, config: ml_collections.ConfigDict):
+  """(tokenizer, whose): the teacher's — its run's config.tokenizer, or a Hugging Face folder's
+  tokenizer.json — or, without --teacher, the one the evaluation's rows are tokenized with."""
+  if args.teacher:
+    saved_path = os.path.join(args.teacher, 'config.json')
+    saved = None
+    if os.path.isfile(saved_path):
+      with open(saved_path) as f:
+        saved = json.load(f)
+    if saved and 'task' in saved and 'tokenizer' in saved:   # a run of this framework
+      return _tokenizer(saved['tokenizer']), "the teacher's"
+    if os.path.isfile(os.path.join(args.teacher, 'tokenizer.json')):
+      return _tokenizer(args.teacher), "the teacher's"
+  return _tokenizer(config.tokenizer), "the evaluation task's"
+
+
 def evaluate(args) -> dict:
   config = eval_config(args)
+  is_gguf = os.path.isfile(args.model)
+  if is_gguf:   # before anything loads or compiles
+    gguf_model.check_tokenizer(args.model, *teacher_tokenizer(args, config))
   with tempfile.TemporaryDirectory() as workdir:
     run = run_lib.build_run(config, workdir)
   reference = None
   if args.reference:
     reference = teacher_lib.load_exported(args.reference, run.mesh)
-  is_gguf = os.path.isfile(args.model)
   if is_gguf:
     graphdef, params, cfg = gguf_model.load_gguf(
         args.model, model_config=reference[2] if reference else None)

@@ -255,13 +255,27 @@ def _token_type(i: int, vocab: _Vocab) -> gguf.TokenType:
   return gguf.TokenType.CONTROL if i in vocab.control_ids else gguf.TokenType.NORMAL
 
 
+def _vocab(tokenizer) -> _Vocab:
+  return _char_vocab(tokenizer) if isinstance(tokenizer, CharTokenizer) else _hf_vocab(tokenizer)
+
+
+def _token_list(vocab: _Vocab, vocab_size: int) -> list[str]:
+  """tokenizer.ggml.tokens: ids past the tokenizer's (a padded embedding) get placeholders."""
+  return [vocab.token_by_id.get(i, f'[PAD{i}]') for i in range(vocab_size)]
+
+
+def token_list(tokenizer, vocab_size: int) -> list[str]:
+  """The tokenizer.ggml.tokens an export of a `vocab_size` model with `tokenizer` writes."""
+  return _token_list(_vocab(tokenizer), vocab_size)
+
+
 def _tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer, vocab_size: int, pre: str | None):
   if tokenizer.vocab_size > vocab_size:
     raise ValueError(f'tokenizer has {tokenizer.vocab_size} tokens, the model only {vocab_size}')
-  vocab = _char_vocab(tokenizer) if isinstance(tokenizer, CharTokenizer) else _hf_vocab(tokenizer)
+  vocab = _vocab(tokenizer)
   writer.add_tokenizer_model(vocab.model)
   writer.add_tokenizer_pre(pre or vocab.pre)
-  writer.add_token_list([vocab.token_by_id.get(i, f'[PAD{i}]') for i in range(vocab_size)])
+  writer.add_token_list(_token_list(vocab, vocab_size))
   writer.add_token_types([_token_type(i, vocab) for i in range(vocab_size)])
   if vocab.model == 'llama':
     lowest = min(vocab.scores.values(), default=0.0)
