@@ -8,7 +8,7 @@ import pytest
 import tensorflow_datasets as tfds
 from tokenizers import Tokenizer
 
-from distill.data import pipeline
+from distill.data import pipeline, tasks
 from distill.data.hf_tokenizer import ChatTemplate, ChatTemplateError, HFTokenizer
 from distill.data.sources import (JsonlSource, ParquetSource, RowError, TfdsSource, get_source)
 
@@ -161,6 +161,36 @@ def test_chat_jsonl_feeds_the_pipeline(tmp_path):
     assert list(learned) == tok.encode(c) + [tok.eos_id]   # completion and EOS, nothing else
     # ChatML's EOS (<|im_end|>) also closes prompt turns, so decode the completion on its own.
     assert tok.decode(learned) == c
+
+
+THINKING = os.path.join(os.path.dirname(__file__), 'fixtures', 'qwen3_thinking')
+
+
+@pytest.mark.parametrize('enable_thinking', [True, False])
+def test_task_kwargs_choose_the_thinking_mode(tmp_path, enable_thinking):
+  rows = [{'messages': [{'role': 'user', 'content': 'two plus two?'},
+                        {'role': 'assistant', 'content': 'four.',
+                         'reasoning_content': 'add them.'}]}]
+  kwargs = dict(path=write_jsonl(tmp_path / 'think.jsonl', rows), messages_field='messages',
+                chat_template=THINKING)
+  task = tasks.get_task('jsonl', **kwargs, enable_thinking=enable_thinking)   # config.task
+  messages = rows[0]['messages']
+  expected = HFTokenizer(THINKING).chat_template.split(messages, enable_thinking=enable_thinking)
+  assert task.example('train', 0) == expected
+  assert expected[1].endswith('four.') and ('add them.' in expected[1]) is enable_thinking
+  # Without the kwarg the template's own default (Qwen3's: thinking) applies.
+  assert tasks.get_task('jsonl', **kwargs).example('train', 0)[1] == HFTokenizer(
+      THINKING).chat_template.split(messages, enable_thinking=True)[1]
+
+
+def test_thinking_mode_refused_without_a_thinking_template(tmp_path):
+  path = write_jsonl(tmp_path / 'chat.jsonl', CHATS)
+  with pytest.raises(ValueError, match="enable_thinking=False: this chat template has no "
+                                       "thinking mode: it never reads 'enable_thinking'"):
+    tasks.get_task('jsonl', path=path, messages_field='messages',
+                   chat_template=os.path.join(FIXTURES, 'qwen2'), enable_thinking=False)
+  with pytest.raises(ValueError, match='enable_thinking=True needs a chat template'):
+    tasks.get_task('jsonl', path=path, enable_thinking=True)
 
 
 def test_sources_pickle_for_grain_workers(tmp_path, tfds_dir):

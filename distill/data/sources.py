@@ -4,7 +4,10 @@ Every source implements the task interface the grain pipeline consumes unchanged
 `splits`, `num_examples(split)`, `example(split, index) -> (prompt, completion)`. A row is either
 plain (`prompt_field` and `completion_field` hold strings) or a chat (`messages_field` holds a
 list of {'role', 'content'} turns, rendered with a chat template; the completion is the final
-assistant turn, see distill.data.hf_tokenizer.ChatTemplate.split).
+assistant turn, see distill.data.hf_tokenizer.ChatTemplate.split). `enable_thinking` (True /
+False; None: the template's default) renders every chat row in that thinking mode (Qwen3's
+switch), for teacher and student alike: both read the same row; templates without the switch
+are refused.
 
 Files are validated in full when the source is built, so a bad row fails before any compilation
 (on_error='raise', the error names file and line) or is skipped and counted (on_error='skip').
@@ -46,8 +49,24 @@ def _to_py(value):
   return value
 
 
-def resolve_chat_template(chat_template) -> ChatTemplate | None:
-  """A ChatTemplate from a ChatTemplate, an HFTokenizer or a HF tokenizer folder (or None)."""
+def resolve_chat_template(chat_template, enable_thinking: bool | None = None
+                          ) -> ChatTemplate | None:
+  """A ChatTemplate from a ChatTemplate, an HFTokenizer or a HF tokenizer folder (or None),
+  splitting every row in thinking mode `enable_thinking` (None: the template's own default; a
+  mode is refused for a template without one)."""
+  template = _resolve_chat_template(chat_template)
+  if enable_thinking is None:
+    return template
+  if template is None:
+    raise ValueError(f'enable_thinking={enable_thinking!r} needs a chat template: set '
+                     'messages_field and chat_template')
+  try:
+    return template.with_thinking(enable_thinking)
+  except ValueError as e:
+    raise ValueError(f'enable_thinking={enable_thinking!r}: {e}') from None
+
+
+def _resolve_chat_template(chat_template) -> ChatTemplate | None:
   if chat_template is None or isinstance(chat_template, ChatTemplate):
     return chat_template
   tokenizer = chat_template if isinstance(chat_template, HFTokenizer) else None
@@ -129,7 +148,8 @@ class _FileSource:
 
   def __init__(self, path, *, prompt_field='prompt', completion_field='completion',
                messages_field=None, chat_template=None, on_error='raise', eval_fraction=0.0,
-               eval_path=None, split_seed=0, name=None, route_field=None):
+               eval_path=None, split_seed=0, name=None, route_field=None,
+               enable_thinking=None):
     if on_error not in ON_ERROR:
       raise ValueError(f'on_error must be one of {ON_ERROR}, got {on_error!r}')
     if not 0.0 <= eval_fraction < 1.0:
@@ -137,7 +157,7 @@ class _FileSource:
     if eval_fraction and eval_path is not None:
       raise ValueError('give either eval_fraction or eval_path, not both')
     self.format = RowFormat(prompt_field, completion_field, messages_field,
-                            resolve_chat_template(chat_template), route_field)
+                            resolve_chat_template(chat_template, enable_thinking), route_field)
     self.route_values: set[str] = set()   # every value of route_field in the files
     self.on_error = on_error
     self.num_skipped, self.skipped_examples = 0, []
@@ -294,11 +314,11 @@ class TfdsSource:
 
   def __init__(self, name: str, data_dir: str | None = None, *, train_split='train',
                eval_split='auto', prompt_field='prompt', completion_field='completion',
-               messages_field=None, chat_template=None):
+               messages_field=None, chat_template=None, enable_thinking=None):
     import tensorflow_datasets as tfds
     self.name = f'tfds:{name}'
     self.format = RowFormat(prompt_field, completion_field, messages_field,
-                            resolve_chat_template(chat_template))
+                            resolve_chat_template(chat_template, enable_thinking))
     try:
       builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
