@@ -6,10 +6,13 @@ Point the three paths at local folders/files (nothing is downloaded), e.g.
     --config.teacher.checkpoint=/models/Qwen3-1.7B --config.tokenizer=/models/Qwen3-1.7B \
     --config.model.init_from=/models/Qwen3-0.6B --config.task.kwargs.path=data/chat.jsonl
 Each JSONL row holds {"messages": [...]}; the final assistant turn is the completion and
-everything before it, rendered with the tokenizer's chat template, is the prompt.
+everything before it, rendered with the tokenizer's chat template, is the prompt. Add
+--config.task.kwargs.enable_thinking=False (or True) to render the rows in that thinking mode.
 
 ARG 'small': the repository's tiny Qwen3 test checkpoint and chat fixture, a few steps on CPU.
 """
+import ml_collections
+
 from distill.train.config import base_config, parse_options
 
 FIXTURES = 'tests/fixtures'
@@ -27,6 +30,10 @@ def get_config(arg=None):
   c.task.kwargs.messages_field = 'messages'
   c.task.kwargs.chat_template = ''       # set to the tokenizer folder
   c.task.kwargs.eval_fraction = 0.02
+  # Qwen3's thinking mode for every chat row (teacher and student read the same row): True
+  # keeps the final turn's reasoning in the completion, False drops it; None: the template's
+  # default. A bool-typed reference so --config.task.kwargs.enable_thinking=False parses.
+  c.task.kwargs.enable_thinking = ml_collections.FieldReference(None, field_type=bool)
   c.task.prompt_len = 512
   c.task.completion_len = 512
   c.model.dtype = 'bfloat16'
