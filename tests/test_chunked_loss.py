@@ -109,6 +109,34 @@ def test_traced_closure_and_bfloat16():
     assert np.abs(np.asarray(got, np.float32) - ref).max() < 5e-2 * np.abs(ref).max()
 
 
+def test_value_without_gradient_and_under_a_scaled_cotangent_match_plain():
+  """No gradient taken (evaluation) runs the value-only scan; a loss divided by its token
+  count sends the backward pass a cotangent other than 1. Both agree with the plain form.
+  Chunks of 4 leave a chunk that is partly padding (7 loss-bearing tokens)."""
+  args = (TEACHER_H, TEACHER_W, TARGETS, WEIGHTS, L.token_objective('jsd', ce_weight=0.3))
+
+  def value_and_scaled_grads(loss, **kwargs):
+    value = jax.jit(lambda: loss(STUDENT_H, STUDENT_W, *args, **kwargs)[0])()
+    grads = jax.jit(jax.grad(lambda h, w: 0.37 * loss(h, w, *args, **kwargs)[0], (0, 1)))(
+        STUDENT_H, STUDENT_W)
+    return value, grads
+
+  assert_same(value_and_scaled_grads(L.chunked_loss, chunk_size=4),
+              value_and_scaled_grads(L.plain_loss))
+
+
+def test_only_chunks_holding_loss_bearing_tokens_are_computed():
+  """A block sum that is 1 per call counts the chunks computed: the 7 loss-bearing tokens of
+  14 go first, so 2 chunks of 4 run (not 3: loss-bearing tokens last would straddle three),
+  with and without a gradient taken."""
+  from distill.losses import chunked
+  count = lambda h, w, shared, per_token, weights: jnp.sum(h) * 0.0 + 1.0
+  scan = lambda h: chunked.chunk_scan(count, h, STUDENT_W, None, (), WEIGHTS.reshape(-1), 4)
+  h = STUDENT_H.reshape(-1, D_S)
+  assert float(jax.jit(scan)(h)) == 2
+  assert float(jax.jit(jax.value_and_grad(scan))(h)[0]) == 2
+
+
 K = 4
 _teacher_logprobs = jax.nn.log_softmax(jnp.asarray(_rng.normal(size=(B, T, V)) * 3, jnp.float32))
 TOPK_LOGPROBS, TOPK_IDS = jax.lax.top_k(_teacher_logprobs, K)

@@ -346,6 +346,11 @@ def test_topk_extraction_and_tails():
   for tail in ('bucket', 'ignore'):  # k = V: exactly the full forward KL
     np.testing.assert_allclose(topk_kl(S, ids, logprobs, MASK, tail=tail), full, rtol=1e-5,
                                atol=1e-6)
+  # At a temperature (the teacher's top k extracted at it too): the full forward KL at it.
+  ids_tau, logprobs_tau = L.teacher_topk(T, vocab, temperature=2.0)
+  np.testing.assert_allclose(L.topk_forward_kl(S, ids_tau, logprobs_tau, MASK, temperature=2.0),
+                             L.get('forward_kl', temperature=2.0)(S, T, MASK), rtol=1e-5,
+                             atol=1e-6)
   k = 3
   ids, logprobs = teacher_topk(T, k)
   lp_all, lq_all = np_log_softmax(T), np_log_softmax(S)

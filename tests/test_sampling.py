@@ -201,6 +201,28 @@ def test_sampling_logits_match_reference(top_k, top_p):
     np.testing.assert_array_equal(got.argmax(-1), logits.argmax(-1))
 
 
+def test_top_p_drops_a_token_whose_predecessors_reach_it_exactly():
+  """A token is kept while its predecessors' mass is still short of top_p, strictly: with
+  top_p equal to the mass before the second token (as float32 computes it), only the first
+  token is kept."""
+  logits = jnp.array([[2.0, 0.5, -1.0]])
+  probs = jax.nn.softmax(logits, axis=-1)    # already sorted; temperature 1
+  top_p = float((jnp.cumsum(probs, axis=-1) - probs)[0, 1])
+  kept = np.isfinite(sampling_logits(logits, SamplingConfig(1, top_p=top_p)))
+  np.testing.assert_array_equal(kept, [[True, False, False]])
+
+def test_every_id_of_a_vocabulary_of_several_blocks_is_drawn_where_it_is():
+  """The draw picks a block of ids, then an id inside it; the tiny model's V = 37 is a single
+  block. V = 50 is 5 blocks of 10: with one finite logit per row, row i must draw id i."""
+  assert sampling._blocks(50) == (5, 10)
+  logits_VxV = jnp.where(jnp.eye(50, dtype=bool), 0.0, -jnp.inf)
+  tokens, logp, model_logp = jax.jit(lambda rng: sample_from_logits(
+      rng, logits_VxV, SamplingConfig(1)))(jax.random.key(3))
+  np.testing.assert_array_equal(tokens, np.arange(50))
+  np.testing.assert_array_equal(logp, 0.0)
+  np.testing.assert_array_equal(model_logp, 0.0)
+
+
 BAD = [
     (dict(max_new_tokens=0), 'max_new_tokens'),
     (dict(max_new_tokens=TINY['max_seq_len']), 'max_seq_len'),
