@@ -4,7 +4,8 @@ Works with `python -m distill.serve` and with `vllm serve MODEL --max-logprobs K
 server with the same fields). What it asks for:
   top-k of every position    {"prompt": [[ids...], ...], "max_tokens": 0, "echo": true,
                               "prompt_logprobs": k}; choices[i].prompt_logprobs[j] is the
-                             teacher's distribution of token j given tokens < j
+                             teacher's distribution of token j given tokens < j, and
+                             the log-prob of token j itself (on-policy scoring of samples)
   generations                {"prompt": [[ids...], ...], "max_tokens": N, "temperature": ...,
                               "logprobs": 0, "return_tokens_as_token_ids": true}; the
                              completion's ids are read from logprobs.tokens ('token_id:N')
@@ -24,6 +25,7 @@ import dataclasses
 import math
 import threading
 import time
+from typing import NamedTuple
 
 import numpy as np
 import requests
@@ -66,6 +68,20 @@ def _field(value, path: str, kind, check=None):
   if isinstance(value, bool) or not isinstance(value, kind) or (check and not check(value)):
     raise MalformedResponse(f'{path} is {value!r}')
   return value
+
+
+class PromptScores(NamedTuple):
+  """One sequence of n tokens scored (row j: what follows tokens 0..j)."""
+  ids: np.ndarray                     # [n-1, k] int32, best first
+  logprobs: np.ndarray                # [n-1, k] fp32
+  token_logprobs: np.ndarray | None   # [n-1] fp32: of token j+1 itself (when asked for)
+
+
+class RowScores(NamedTuple):
+  """Rows of the pipeline's layout scored (position t: token t+1), zeros off the loss mask."""
+  topk_ids: np.ndarray                # [B, T, k] int32
+  topk_logprobs: np.ndarray           # [B, T, k] fp32
+  token_logprobs: np.ndarray | None   # [B, T] fp32: of each row's target (when asked for)
 
 
 class TeacherClient:
@@ -144,11 +160,12 @@ class TeacherClient:
     reports, else (a server that reports none) its URL and model name."""
     return self.served.fingerprint or f'served:{self.url}/{self.served.name}'
 
-  def check_topk(self, k: int) -> None:
-    """A one-position probe: the server's refusal of k (e.g. above its --max-logprobs) is
-    raised before training, naming the server's limit."""
+  def check_topk(self, k: int, *, tokens: bool = False) -> None:
+    """A one-position probe: the server's refusal of k (e.g. above its --max-logprobs), or an
+    answer without the log-prob of the prompt's own token when `tokens`, is raised before
+    training, naming the server's limit or the missing field."""
     try:
-      self.prompt_topk([[0, 0]], k)
+      self.prompt_topk([[0, 0]], k, tokens=tokens)
     except TeacherUnavailable:
       raise
     except TeacherServerError as e:
@@ -177,9 +194,11 @@ class TeacherClient:
 
   # ---------------------------------------------------------------- top-k
 
-  def prompt_topk(self, sequences: list[list[int]], k: int):
-    """[(ids [n-1, k] int32, log-probs [n-1, k] fp32)] per sequence of n tokens: row j is
-    the teacher's top-k for token j+1 given tokens 0..j, best first."""
+  def prompt_topk(self, sequences: list[list[int]], k: int, *,
+                  tokens: bool = False) -> list[PromptScores]:
+    """PromptScores per sequence of n tokens: row j is the teacher's top-k for token j+1 given
+    tokens 0..j, best first (k = 0: none), and with `tokens` the log-prob of token j+1 itself
+    (vLLM puts the prompt's own token in every prompt_logprobs entry, in the top-k or not)."""
     def one_request(first, chunk):
       del first
       answer = self._complete({'prompt': chunk, 'max_tokens': 0, 'echo': True,
@@ -187,34 +206,37 @@ class TeacherClient:
       try:
         choices = _field(answer.get('choices'), 'choices', list,
                          lambda c: len(c) == len(chunk))
-        return [_parse_prompt_logprobs(c, i, len(seq), k)
+        return [_parse_prompt_logprobs(c, i, seq, k, tokens)
                 for i, (c, seq) in enumerate(zip(choices, chunk))]
       except MalformedResponse as e:
         raise MalformedResponse(f'teacher server {self.url}: malformed response to a top-k '
                                 f'request: {e}') from None
     return self._in_requests(sequences, one_request)
 
-  def topk_rows(self, batch: dict, k: int):
-    """(topk_ids [B, T, k] int32, topk_logprobs [B, T, k] fp32) for rows in the pipeline's
-    layout: at position t the teacher's top-k for token t+1, zeros where loss_mask is 0 (as
-    distill.algorithms.topk.teacher_topk gives them in the step)."""
-    tokens, input_mask = np.asarray(batch['tokens']), np.asarray(batch['input_mask']) != 0
+  def score_rows(self, batch: dict, k: int, *, tokens: bool = False) -> RowScores:
+    """The teacher's scores of rows in the pipeline's layout, at position t those of token
+    t+1, zeros where loss_mask is 0 (as distill.algorithms.topk.teacher_topk and
+    policy_gradient.target_logprobs give them in the step): topk_ids / topk_logprobs
+    [B, T, k] and, with `tokens`, token_logprobs [B, T], the log-prob of each row's target."""
+    tokens_BxT, input_mask = np.asarray(batch['tokens']), np.asarray(batch['input_mask']) != 0
     loss_mask = np.asarray(batch['loss_mask']) != 0
-    B, T = tokens.shape
-    ids = np.zeros((B, T, k), np.int32)
-    logprobs = np.zeros((B, T, k), np.float32)
+    B, T = tokens_BxT.shape
+    out = RowScores(np.zeros((B, T, k), np.int32), np.zeros((B, T, k), np.float32),
+                    np.zeros((B, T), np.float32) if tokens else None)
     rows = [b for b in range(B) if loss_mask[b].any()]
     # Real tokens are contiguous (left-padded prompt, right-padded completion).
     starts = [int(np.argmax(input_mask[b])) for b in rows]
-    sequences = [tokens[b][input_mask[b]].tolist() for b in rows]
-    for b, start, seq, (row_ids, row_lps) in zip(rows, starts, sequences,
-                                                 self.prompt_topk(sequences, k)):
+    sequences = [tokens_BxT[b][input_mask[b]].tolist() for b in rows]
+    for b, start, seq, scores in zip(rows, starts, sequences,
+                                     self.prompt_topk(sequences, k, tokens=tokens)):
       positions = np.flatnonzero(loss_mask[b])
       if positions.min() < start or positions.max() >= start + len(seq) - 1:
         raise ValueError(f'row {b}: loss_mask marks positions whose next token is padding')
-      ids[b, positions] = row_ids[positions - start]
-      logprobs[b, positions] = row_lps[positions - start]
-    return ids, logprobs
+      out.topk_ids[b, positions] = scores.ids[positions - start]
+      out.topk_logprobs[b, positions] = scores.logprobs[positions - start]
+      if tokens:
+        out.token_logprobs[b, positions] = scores.token_logprobs[positions - start]
+    return out
 
   # ---------------------------------------------------------------- generation
 
@@ -251,12 +273,14 @@ def _error_message(answer) -> str:
   return str(body)[:500]
 
 
-def _parse_prompt_logprobs(choice, index: int, n: int, k: int):
-  where = f'choices[{index}].prompt_logprobs'
+def _parse_prompt_logprobs(choice, index: int, sequence: list[int], k: int,
+                           tokens: bool) -> PromptScores:
+  where, n = f'choices[{index}].prompt_logprobs', len(sequence)
   positions = _field(_field(choice, f'choices[{index}]', dict).get('prompt_logprobs'), where,
                      list, lambda p: len(p) == n)
   ids = np.zeros((n - 1, k), np.int32)
   logprobs = np.zeros((n - 1, k), np.float32)
+  token_logprobs = np.zeros((n - 1,), np.float32) if tokens else None
   for j in range(1, n):
     entries = _field(positions[j], f'{where}[{j}]', dict)
     ranked = []
@@ -274,7 +298,13 @@ def _parse_prompt_logprobs(choice, index: int, n: int, k: int):
                               f'top {k} (ranks 1..{k})')
     ids[j - 1] = [t for _, t, _ in top]
     logprobs[j - 1] = [lp for _, _, lp in top]
-  return ids, logprobs
+    if tokens:
+      own = [lp for _, t, lp in ranked if t == sequence[j]]
+      if not own:
+        raise MalformedResponse(f"{where}[{j}]['{sequence[j]}'] (the log-prob of the prompt's "
+                                f'own token {sequence[j]}) is missing')
+      token_logprobs[j - 1] = own[0]
+  return PromptScores(ids, logprobs, token_logprobs)
 
 
 def _parse_completion_ids(choice, index: int, max_tokens: int) -> list[int]:

@@ -12,14 +12,19 @@ import numpy as np
 import pytest
 import requests
 
-from distill.algorithms import topk
+from distill.algorithms import hooks, policy_gradient, rollout, topk
 from distill.data import teacher_cache
+from distill.data.tokenizer import CharTokenizer
 from distill.serve.batcher import ScoreBatcher
 from distill.serve.engine import Engine
 from distill.serve.http import TeacherServer
 from distill.teacher_client import (MalformedResponse, TeacherClient, TeacherServerError,
                                     TeacherUnavailable)
+from distill.parallel import mesh as mesh_lib
+from distill.train import optimizer as opt_lib
 from distill.train import run as run_lib
+from distill.train import state as state_lib
+from distill.train import step as step_lib
 from distill.train import trainer
 from tests.helpers import read_metrics, small_config
 from tests.test_teacher_cache import export_random_teacher, read_all
@@ -44,8 +49,9 @@ def engine(teachers):
   return Engine(teachers[0])
 
 
-def start(engine, port=0, **kwargs) -> TeacherServer:
-  server = TeacherServer(engine, port=port, served_name='teacher', max_logprobs=20, **kwargs)
+def start(engine, port=0, max_logprobs=20, **kwargs) -> TeacherServer:
+  server = TeacherServer(engine, port=port, served_name='teacher', max_logprobs=max_logprobs,
+                         **kwargs)
   threading.Thread(target=server.serve_forever, daemon=True).start()
   return server
 
@@ -64,7 +70,8 @@ def config_for(module, *, teacher='', url='', **kwargs):
   config.teacher.checkpoint = teacher
   config.teacher.server = url
   config.teacher.client.update(FAST_RETRIES)
-  config.algorithm.kwargs.update(kwargs)
+  with config.unlocked():   # a served variant may take more kwargs (e.g. gkd's k and tail)
+    config.algorithm.kwargs.update(kwargs)
   return config
 
 
@@ -77,7 +84,7 @@ def test_served_topk_is_the_teachers_own_forward(server, engine, teachers, tmp_p
   batch = teacher_cache.example_rows(run, 0, 8, 8)
   client = TeacherClient(server.url)
   client.connect()
-  ids, logprobs = client.topk_rows(batch, 8)
+  ids, logprobs, _ = client.score_rows(batch, 8)
   want_ids, want_logprobs = jax.device_get(topk.teacher_topk(
       engine.graphdef, engine.params, batch, 8, temperature=1.0))
   assert batch['loss_mask'].sum() > 0 and ids.shape == want_ids.shape
@@ -141,6 +148,85 @@ def test_served_rows_equal_the_in_process_teachers(server, teachers, tmp_path):
     np.testing.assert_array_equal(served_rows[field], local_rows[field])
 
 
+def test_served_scores_of_sampled_rows_are_the_teachers_own(server, engine, teachers, tmp_path):
+  """The log-prob of each sampled token and the top-k, from the server, equal the in-process
+  teacher's on the student's samples (as onpolicy_rkl and gkd draw them in the step)."""
+  config = config_for('arithmetic_onpolicy_rkl', teacher=teachers[0])
+  run = run_lib.build_run(config, str(tmp_path))
+  method = trainer.make_method(run)
+  batch = teacher_cache.example_rows(run, 0, 8, 8)
+  rows, _ = rollout.sample_rows(run.teacher_graphdef, run.teacher_params, batch,
+                                jax.random.PRNGKey(0), method.rows.sampling)
+  client = TeacherClient(server.url)
+  client.connect()
+  scores = client.score_rows(jax.device_get(rows), 4, tokens=True)
+  h, w = hooks.model_outputs(run.teacher_graphdef, run.teacher_params, rows)
+  mask = np.asarray(rows['loss_mask']) != 0
+  want_tokens = np.where(mask, policy_gradient.target_logprobs(h, w, rows['targets']), 0.0)
+  want_ids, want_logprobs = jax.device_get(topk.teacher_topk(
+      run.teacher_graphdef, run.teacher_params, rows, 4, temperature=1.0))
+  assert mask.sum() > 0 and (scores.token_logprobs[mask] < 0).all()
+  np.testing.assert_allclose(scores.token_logprobs, want_tokens, atol=1e-5, rtol=0)
+  np.testing.assert_array_equal(scores.topk_ids, want_ids)
+  np.testing.assert_allclose(scores.topk_logprobs, want_logprobs, atol=1e-5, rtol=0)
+
+
+def _logged_losses(workdir):
+  return [(r['step'], r['loss']) for r in read_metrics(workdir) if 'loss' in r]
+
+
+def test_served_onpolicy_rkl_trains_as_in_process(server, teachers, tmp_path):
+  """onpolicy_rkl with each sampled token's log-prob from the server (prompt_logprobs=0,
+  between the step's two phases): the same losses as with the teacher in-process."""
+  configs = {'local': config_for('arithmetic_onpolicy_rkl', teacher=teachers[0]),
+             'served': config_for('arithmetic_onpolicy_rkl', url=server.url)}
+  for name, config in configs.items():
+    config.total_steps, config.log_steps = 3, 1
+    trainer.train(config, str(tmp_path / name))
+  local, served = _logged_losses(str(tmp_path / 'local')), _logged_losses(str(tmp_path / 'served'))
+  assert [step for step, _ in served] == [1, 2, 3]
+  np.testing.assert_allclose([v for _, v in served], [v for _, v in local], rtol=1e-5)
+  record = [r for r in read_metrics(str(tmp_path / 'served')) if 'loss' in r][-1]
+  assert record['teacher_s'] > 0 and 0 < record['teacher_share'] <= 1
+
+
+def _steps(config, workdir, steps: int):
+  """(loss per step, params after them) of `steps` training steps, as the trainer runs them."""
+  run = run_lib.build_run(config, workdir)
+  method = trainer.make_method(run)
+  optimizer = opt_lib.make_optimizer(run.config)
+  state, shardings, graphdef = state_lib.create_train_state(
+      run.model_config, optimizer, jax.random.PRNGKey(config.seed), run.mesh,
+      algo_state_fn=lambda: method.init_state(optimizer))
+  step_fn = step_lib.make_step(run.config, run, method, graphdef, shardings, optimizer)
+  batches, losses = run_lib.train_iterator(run), []
+  for _ in range(steps):
+    batch = run_lib.to_global(next(batches), mesh_lib.batch_sharding(run.mesh))
+    state, metrics = step_fn(state, run.teacher_params, batch)
+    losses.append(float(metrics['loss'][0] / metrics['loss'][1]))
+  return losses, jax.device_get(state['params'])
+
+
+def test_served_gkd_topk_at_k_v_minus_1_trains_as_in_process_forward_kl(engine, teachers,
+                                                                        tmp_path):
+  """gkd (student samples, λ = 1) with the server's top-k of them: at k = V - 1 with the tail
+  bucket every id is an outcome, so the loss and the update are in-process forward KL's."""
+  vocab = CharTokenizer().vocab_size
+  full = start(engine, max_logprobs=vocab)
+  local = config_for('arithmetic_gkd', teacher=teachers[0], lmbda=1.0)
+  served = config_for('arithmetic_gkd', url=full.url, lmbda=1.0, k=vocab - 1, tail='bucket')
+  try:
+    for config in (local, served):
+      config.loss.divergence = 'forward_kl'
+    local_losses, local_params = _steps(local, str(tmp_path / 'local'), 2)
+    served_losses, served_params = _steps(served, str(tmp_path / 'served'), 2)
+  finally:
+    full.stop()
+  np.testing.assert_allclose(served_losses, local_losses, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), served_params,
+               local_params)
+
+
 def test_online_topk_against_a_server_that_dies_equals_in_process_after_resume(
     engine, teachers, tmp_path):
   local = config_for('arithmetic_cached', teacher=teachers[0])
@@ -197,6 +283,25 @@ def test_another_model_tokenizer_or_too_large_k_is_refused(server, teachers, eng
     rows_hook(config_for('arithmetic_cached', url=server.url, k=30), tmp_path)
 
 
+@pytest.mark.parametrize('module, kwargs, problem', [
+    ('arithmetic_minillm', {}, "'minillm' samples with the teacher at every decoded token"),
+    ('arithmetic_skd', {}, "'skd' samples with the teacher at every decoded token"),
+    ('arithmetic_taid', {}, "'taid' runs the teacher inside the training step on its own rows"),
+    ('arithmetic_gkd', {'seq_kd': True, 'divergence': 'forward_kl'},
+     'with seq_kd samples from the teacher inside the step'),
+    ('arithmetic_gkd', {}, "minimises forward_kl, not config.loss.divergence='jsd'"),
+    ('arithmetic_gkd', {'k': 30, 'divergence': 'forward_kl'}, 'top-30.*max allowed: 20'),
+])
+def test_on_policy_methods_a_server_cannot_score_are_refused(server, tmp_path, module, kwargs,
+                                                             problem):
+  kwargs = dict(kwargs)
+  divergence = kwargs.pop('divergence', None)
+  config = config_for(module, url=server.url, **kwargs)
+  config.loss.divergence = divergence or config.loss.divergence
+  with pytest.raises((ValueError, TeacherServerError), match=problem):
+    rows_hook(config, tmp_path)
+
+
 class _Canned(BaseHTTPRequestHandler):
   """Answers every completion with the server's `answer` (a malformed server)."""
   protocol_version = 'HTTP/1.1'
@@ -219,12 +324,17 @@ class _Canned(BaseHTTPRequestHandler):
     self.wfile.write(data)
 
 
-@pytest.mark.parametrize('position, problem', [
-    ({'5': {'rank': 1}}, r"prompt_logprobs\[1\]\['5'\]\.logprob is None"),
-    ({'5': {'logprob': -0.1, 'rank': 2}}, r'prompt_logprobs\[1\] has ranks \[2\], not the top 1'),
-    (None, r'prompt_logprobs\[1\] is None'),
+@pytest.mark.parametrize('position, problem, tokens', [
+    ({'5': {'rank': 1}}, r"prompt_logprobs\[1\]\['5'\]\.logprob is None", False),
+    ({'5': {'logprob': -0.1, 'rank': 2}}, r'prompt_logprobs\[1\] has ranks \[2\], not the top 1',
+     False),
+    (None, r'prompt_logprobs\[1\] is None', False),
+    # on-policy scoring reads the sampled token's own entry, which vLLM always adds
+    ({'7': {'logprob': -0.1, 'rank': 1}},
+     r"prompt_logprobs\[1\]\['5'\] \(the log-prob of the prompt's own token 5\) is missing",
+     True),
 ])
-def test_a_malformed_response_names_the_field(position, problem):
+def test_a_malformed_response_names_the_field(position, problem, tokens):
   canned = ThreadingHTTPServer(('127.0.0.1', 0), _Canned)
   canned.answer = {'choices': [{'prompt_logprobs': [None, position]}]}
   threading.Thread(target=canned.serve_forever, daemon=True).start()
@@ -232,7 +342,7 @@ def test_a_malformed_response_names_the_field(position, problem):
     client = TeacherClient(f'http://127.0.0.1:{canned.server_address[1]}')
     client.connect()
     with pytest.raises(MalformedResponse, match=problem):
-      client.prompt_topk([[3, 5]], 1)
+      client.prompt_topk([[3, 5]], 1, tokens=tokens)
   finally:
     canned.shutdown()
     canned.server_close()

@@ -4,7 +4,8 @@ A method (distill.algorithms.register) is a pair:
   Rows       where this step's training rows come from: the dataset, a teacher cache, the
              teacher's or the student's samples, interleaved proposals, a replay buffer, a
              mixture of these. Runs inside the jitted step (`draw`) and may prepare data on
-             the host before training (`train_batches`).
+             the host before training (`train_batches`) or, between the step's two phases,
+             add fields to the drawn rows (`score_on_host`: a served teacher's scores).
   Objective  what is minimised on those rows: a divergence through the chunked loss, a
              policy-gradient surrogate, a top-k form, added hidden-state terms.
 The step builder (distill.train.step) owns everything else: the rng, `jax.grad`, the
@@ -130,6 +131,9 @@ class Rows(Hook):
   needs_teacher = False
   samples = False             # draw() returns Drawn.sample (the rows were generated)
   serves_teacher = False      # the teacher comes from config.teacher.server (served.py)
+  # The step runs in two phases with score_on_host between them (a served teacher scoring
+  # the drawn rows: distill.algorithms.served_scoring, distill.train.step.HostScoredStep).
+  host_scored = False
   fields: tuple[str, ...] = ROW_KEYS
 
   def train_batches(self, default):
@@ -140,6 +144,15 @@ class Rows(Hook):
     """This step's rows from the host's batch (pure, inside the jitted step)."""
     del ctx
     return Drawn({k: batch[k] for k in self.fields}, inputs.state, {})
+
+  def score_on_host(self, rows: dict) -> dict:
+    """With host_scored: the fields added on the host to this step's drawn rows (numpy
+    [B, T] rows in, numpy arrays [B, T, ...] out, as host_fields lists them)."""
+    raise NotImplementedError
+
+  def host_fields(self, batch_size: int, seq_len: int) -> dict:
+    """With host_scored: {name: (shape, dtype)} of score_on_host's fields."""
+    raise NotImplementedError
 
   def after_eval(self, state, eval_metrics: dict):
     """Host-side reaction to validation metrics (e.g. DistiLLM's schedule)."""

@@ -31,20 +31,22 @@ class Method:
 
   def __init__(self, spec: MethodSpec, config, run):
     self.spec, self.config, self.run = spec, config, run
+    rows, objective = spec.rows, spec.objective
+    if run.teacher_server is not None:   # config.teacher.server: the hooks' served variants
+      rows, objective = served.hooks_for(spec)
+    if teachers.is_ensemble(run.teacher_graphdef):   # several teachers (config.teachers)
+      rows, objective = teachers.hooks_for(spec, run.teacher_graphdef)
+    # The kwargs of the hooks the run uses (a served variant may take more, e.g. k).
+    takes = {**rows.DEFAULTS, **objective.DEFAULTS}
     kwargs = dict(config.algorithm.kwargs)
-    unknown = sorted(set(kwargs) - set(spec.defaults))
+    unknown = sorted(set(kwargs) - set(takes))
     if unknown:
       raise ValueError(f'algorithm {spec.name!r} does not take kwargs {unknown}; it takes '
-                       f'{sorted(spec.defaults) or "none"}')
+                       f'{sorted(takes) or "none"}')
 
     def options(hook):
       return {**hook.DEFAULTS, **{k: v for k, v in kwargs.items() if k in hook.DEFAULTS}}
 
-    # A served teacher (config.teacher.server) replaces the rows hook by its served variant.
-    rows = spec.rows if run.teacher_server is None else served.rows_for(spec)
-    objective = spec.objective
-    if teachers.is_ensemble(run.teacher_graphdef):   # several teachers (config.teachers)
-      rows, objective = teachers.hooks_for(spec, run.teacher_graphdef)
     self.rows = rows(config, run, options(rows))
     self.objective = objective(config, run, options(objective))
 

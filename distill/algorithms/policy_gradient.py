@@ -121,17 +121,24 @@ class PolicyGradient(hooks.Objective):
       raise self.kwarg_error('temperature', 'must be > 0: importance weights need a sampling '
                              'distribution, greedy decoding has none')
 
+  def teacher_scores(self, ctx, teacher_params, rows):
+    """(the teacher's log-prob of each target [B, T], its final hidden states, its output
+    projection): from the in-process teacher; a served teacher's log-probs come with the
+    rows instead (distill.algorithms.served_scoring)."""
+    teacher_h, teacher_w = divergence.teacher_outputs(ctx, teacher_params, rows)
+    log_p_BxT = target_logprobs(teacher_h, teacher_w, rows['targets'], ctx.chunk_size,
+                                ctx.teacher_softcap)
+    return log_p_BxT, teacher_h, teacher_w
+
   def prepare(self, ctx, teacher_params, drawn, state) -> Scored:
     del state
     rows, sample = drawn.rows, drawn.sample
-    teacher_h, teacher_w = divergence.teacher_outputs(ctx, teacher_params, rows)
+    log_p_BxT, teacher_h, teacher_w = self.teacher_scores(ctx, teacher_params, rows)
     weights_BxT, normaliser = losses.token_weights(rows['loss_mask'], ctx.reduction)
     mask_BxT = rows['loss_mask']
     return Scored(
         log_sample_BxT=at_loss_columns(sample['logprobs_BxN'], rows['tokens'].shape[1]),
-        log_p_BxT=target_logprobs(teacher_h, teacher_w, rows['targets'], ctx.chunk_size,
-                                  ctx.teacher_softcap),
-        teacher_h=teacher_h, teacher_w=teacher_w, mask_BxT=mask_BxT,
+        log_p_BxT=log_p_BxT, teacher_h=teacher_h, teacher_w=teacher_w, mask_BxT=mask_BxT,
         weights_BxT=weights_BxT, normaliser=normaliser,
         sample_length=(sample['mask_BxN'].sum().astype(jnp.float32),
                        jnp.float32(mask_BxT.shape[0])))

@@ -1,7 +1,7 @@
 """Rows from a teacher on a server (config.teacher.server), in place of the in-process teacher.
 
-With `teacher.server` set, the method's rows hook is swapped for its served counterpart
-(`rows_for`); the objective is unchanged:
+With `teacher.server` set, the method's hooks are swapped for their served counterparts
+(`hooks_for`). Rows prepared before their step, the objective unchanged:
   cached_teacher  ServedTopKCache     the cache is written from the server's prompt_logprobs
   topk_online     ServedOnlineTopK    each batch's top-k is fetched on the host before its
                                       step (LOOKAHEAD batches ahead, overlapping the steps)
@@ -13,8 +13,10 @@ an in-process teacher's: either can reuse it.
 
 Served log-probabilities are at temperature 1 (vLLM's prompt_logprobs are the model's own),
 and a top-k alone cannot be renormalised at another temperature, so these rows need
-config.loss.temperature = 1. Methods whose step runs the teacher (on-policy scoring, Hinton
-KD on dataset rows) are not served yet: refused by name.
+config.loss.temperature = 1. Rows drawn in the step by the student alone (gkd, distillm,
+onpolicy_rkl) are scored by the server between the step's two phases
+(distill.algorithms.served_scoring). Other methods whose step runs the teacher (Hinton KD on
+dataset rows: use topk_online; minillm, skd, taid, hidden_kd) are refused by name.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import time
 import numpy as np
 
 from distill import sampling
-from distill.algorithms import hooks, rollout, seqkd, topk
+from distill.algorithms import hooks, rollout, seqkd, served_scoring, topk
 from distill.algorithms.cache_rows import CacheRows
 from distill.algorithms.hooks import ROW_KEYS
 from distill.data import teacher_cache
@@ -35,11 +37,7 @@ LOOKAHEAD = 2   # batches whose top-k is requested before their step
 
 
 def _check_topk(hook: hooks.Hook) -> None:
-  if hook.config.loss.temperature != 1:
-    raise ValueError(f'config.loss.temperature={hook.config.loss.temperature} with a served '
-                     'teacher: servers return log-probs at temperature 1 and a top-k cannot be '
-                     'renormalised at another; set it to 1')
-  hook.run.teacher_server.check_topk(topk.check_k(hook))
+  served_scoring.check_scoring(hook, topk.check_k(hook), tokens=False)
 
 
 class ServedTopKCache(topk.TeacherTopKCache):
@@ -57,7 +55,7 @@ class ServedTopKCache(topk.TeacherTopKCache):
 
     def produce(start: int, stop: int):
       rows = teacher_cache.example_rows(self.run, start, stop, stop - start)
-      ids, logprobs = client.topk_rows(rows, k)
+      ids, logprobs, _ = client.score_rows(rows, k)
       return {**{f: rows[f] for f in ROW_KEYS}, 'topk_ids': ids,
               'topk_logprobs': logprobs.astype(self.options['logprob_dtype'])}
     return produce
@@ -74,7 +72,7 @@ class ServedOnlineTopK(hooks.Rows):
 
   def train_batches(self, default):
     client, k = self.run.teacher_server, self.options['k']
-    return _WithServedTopK(default, lambda batch: client.topk_rows(batch, k))
+    return _WithServedTopK(default, lambda batch: client.score_rows(batch, k)[:2])
 
 
 class _WithServedTopK:
@@ -114,9 +112,7 @@ class _WithServedTopK:
       (ids, logprobs), request_s = future.result()
     except TeacherUnavailable as e:
       self.pool.shutdown(wait=False, cancel_futures=True)
-      raise TeacherUnavailable(f'{e}. Training stopped before this step; its last checkpoint '
-                               'is intact: restart the teacher server and run the same command '
-                               'to resume.') from e
+      raise served_scoring.stopped(e) from e
     self.waited_s += time.perf_counter() - start
     self.request_s += request_s
     self.count += 1
@@ -190,13 +186,18 @@ class ServedGenerations(seqkd.TeacherGenerations):
 
 _SERVED = {topk.TeacherTopKCache: ServedTopKCache, topk.OnlineTopK: ServedOnlineTopK,
            seqkd.TeacherGenerations: ServedGenerations}
-SERVED_METHODS = ('cached_teacher', 'topk_online', 'seqkd')
+SERVED_METHODS = ('cached_teacher', 'topk_online', 'seqkd', 'gkd', 'distillm', 'onpolicy_rkl')
 
 
-def rows_for(spec) -> type[hooks.Rows]:
-  """The served counterpart of a method's rows hook; refused for methods that are not served."""
-  if spec.rows not in _SERVED:
-    raise ValueError(f'algorithm {spec.name!r} runs the teacher inside the training step, which '
-                     f'a served teacher (config.teacher.server) cannot do yet; served methods: '
-                     f'{", ".join(SERVED_METHODS)}. Use config.teacher.checkpoint instead.')
-  return _SERVED[spec.rows]
+def hooks_for(spec):
+  """(rows class, objective class) of a method against a served teacher: its rows hook's
+  served counterpart, or its sampled rows scored by the server between the step's two phases
+  (distill.algorithms.served_scoring); refused for methods that cannot be served."""
+  if spec.rows in _SERVED:
+    return _SERVED[spec.rows], spec.objective
+  if served_scoring.scores_rows_of(spec):
+    return served_scoring.hooks_for(spec)
+  raise ValueError(f'algorithm {spec.name!r} runs the teacher inside the training step on its '
+                   'own rows, which a served teacher (config.teacher.server) cannot do; served '
+                   f'methods: {", ".join(SERVED_METHODS)}. Use config.teacher.checkpoint '
+                   'instead.')

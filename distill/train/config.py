@@ -84,7 +84,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.teacher.tokenizer = ''
   # A teacher on a server speaking vLLM's completions protocol ('http://host:port':
   # python -m distill.serve, or vllm serve): cached_teacher, topk_online and seqkd take its
-  # top-k / generations (distill.algorithms.served). With teacher.checkpoint as well, the
+  # top-k / generations (distill.algorithms.served); onpolicy_rkl, gkd and distillm have the
+  # student's samples scored by it each step (distill.algorithms.served_scoring: gkd and
+  # distillm then minimise top-k forward KL, kwargs k and tail). With teacher.checkpoint, the
   # server must serve exactly those weights (fingerprints compared).
   c.teacher.server = ''
   c.teacher.server_model = ''   # the served model's name ('': the server's only model)

@@ -9,7 +9,8 @@ At every log step the trainer calls `Monitor.at_log(step, params, batch, step_s)
                             loss). Served (teacher.server), it is the time the loop waited for
                             the batch's top-k (requests run ahead of the steps, so this is
                             what the server costs the run), with teacher_request_s the
-                            requests' own duration per batch.
+                            requests' own duration per batch; for the student's samples
+                            scored between the step's two phases, the requests' time.
   student_entropy           the student's mean next-token entropy (nats) over the logged
                             batch's loss tokens,
   probe_kl                  the forward KL(teacher‖student) on them (temperature 1; the
@@ -123,7 +124,11 @@ class Monitor:
   def __init__(self, run, method, batches, student_graphdef):
     m = run.config.monitor
     self.alarms = Alarms(m.entropy_floor, m.kl_spike, m.kl_window)
-    self.batches, self.run, self.student_graphdef = batches, run, student_graphdef
+    self.run, self.student_graphdef = run, student_graphdef
+    # Served: what keeps the teacher's time (the batch iterator that fetches top-k ahead, or
+    # the rows hook that scores each step's samples between its two phases).
+    self.served_timing = (getattr(batches, 'take_timing', None) or
+                          getattr(method.rows, 'take_timing', None))
     self.probe = jax.jit(probe, static_argnums=(0, 1)) if m.probe else None
     self.teacher_forward = None
     if m.probe and run.teacher_params is not None and teacher_in_step(method):
@@ -131,9 +136,8 @@ class Monitor:
 
   def teacher_seconds(self, batch) -> dict:
     """{teacher_s, [teacher_request_s]}: the teacher's time per step (see the module doc)."""
-    timing = getattr(self.batches, 'take_timing', None)
-    if timing is not None:   # served: what the loop waited for the teacher's answers
-      return timing()
+    if self.served_timing is not None:   # served: what the loop waited for the answers
+      return self.served_timing()
     if self.teacher_forward is None:
       return {}
     args = (self.run.teacher_graphdef, self.run.teacher_params, batch)

@@ -10,7 +10,9 @@ student and of any parameters trained beside it, the (sum, count) metric format 
   rows.draw(...)        the rows this step trains on (distill.algorithms.hooks.Rows), and
   objective.loss(...)   what is minimised on them (distill.algorithms.hooks.Objective).
 The teacher is a frozen input of the same compiled step, so no [B, T, V] teacher logits
-ever cross a jit boundary.
+ever cross a jit boundary. A served teacher scoring the student's own samples splits the
+step in two (`HostScoredStep`: draw, the rows scored on the host, update); only the rows
+and the server's top-k / sampled-token log-probs cross the boundary.
 """
 from __future__ import annotations
 
@@ -49,31 +51,26 @@ def apply_update(optimizer, grads, opt_state, params):
   return optax.apply_updates(params, updates), opt_state
 
 
-def build_step(ctx: hooks.StepContext, method, *, skip_nonfinite: bool = False,
-               grad_accum_steps: int = 1, quant_plan=None) -> Callable:
-  """The pure step(state, teacher_params, batch) -> (state, metrics) of `method`.
-
-  grad_accum_steps (config.data.grad_accum_steps): the gradient of the whole batch summed
-  over that many micro-batches (distill.train.accumulate).
-
-  skip_nonfinite (config.nonfinite='skip'): a step with a non-finite metric keeps the old
-  state (distill.train.nonfinite).
-
-  quant_plan (config.quant.type, distill.quant.student.quant_plan): the rows are drawn and the
-  loss computed with the student's weights as that GGUF type stores them; the gradient reaches
-  the fp32 master weights straight through.
-
-  state['algo'] holds {'rows': …, 'objective': …} and, when the objective trains parameters
-  of its own, 'trainable': {'params': …, 'opt_state': …} (see Method.init_state).
+def build_phases(ctx: hooks.StepContext, method, *, skip_nonfinite: bool = False,
+                 grad_accum_steps: int = 1, quant_plan=None) -> tuple[Callable, Callable]:
+  """The pure step of `method` as its two parts (see build_step for the options):
+    draw(state, teacher_params, batch) -> Drawn             this step's rows (no update), and
+    update(state, teacher_params, drawn) -> (state, metrics)  the objective's grads, applied.
   """
   rows_hook, objective = method.rows, method.objective
 
-  def step(state, teacher_params, batch):
+  def quantized_params(state):
+    return jax.lax.stop_gradient(quant.fake_quantize(quant_plan, state['params']))
+
+  def draw(state, teacher_params, batch):
+    inputs = hooks.StepInputs(params=quantized_params(state), teacher_params=teacher_params,
+                              state=state['algo']['rows'], rng=step_rng(state),
+                              step=state['step'])
+    return rows_hook.draw(ctx, inputs, batch)
+
+  def update(state, teacher_params, drawn):
     algo = state['algo']
-    quantized = jax.lax.stop_gradient(quant.fake_quantize(quant_plan, state['params']))
-    inputs = hooks.StepInputs(params=quantized, teacher_params=teacher_params,
-                              state=algo['rows'], rng=step_rng(state), step=state['step'])
-    drawn = rows_hook.draw(ctx, inputs, batch)
+    quantized = quantized_params(state)
     trainable = {'params': state['params']}
     if 'trainable' in algo:
       trainable['extra'] = algo['trainable']['params']
@@ -109,19 +106,81 @@ def build_step(ctx: hooks.StepContext, method, *, skip_nonfinite: bool = False,
       new_state = nonfinite.keep_state_unless_finite(state, new_state, metrics)
     return new_state, metrics
 
+  return draw, update
+
+
+def build_step(ctx: hooks.StepContext, method, **options) -> Callable:
+  """The pure step(state, teacher_params, batch) -> (state, metrics) of `method`.
+
+  grad_accum_steps (config.data.grad_accum_steps): the gradient of the whole batch summed
+  over that many micro-batches (distill.train.accumulate).
+
+  skip_nonfinite (config.nonfinite='skip'): a step with a non-finite metric keeps the old
+  state (distill.train.nonfinite).
+
+  quant_plan (config.quant.type, distill.quant.student.quant_plan): the rows are drawn and the
+  loss computed with the student's weights as that GGUF type stores them; the gradient reaches
+  the fp32 master weights straight through.
+
+  state['algo'] holds {'rows': …, 'objective': …} and, when the objective trains parameters
+  of its own, 'trainable': {'params': …, 'opt_state': …} (see Method.init_state).
+  """
+  draw, update = build_phases(ctx, method, **options)
+
+  def step(state, teacher_params, batch):
+    return update(state, teacher_params, draw(state, teacher_params, batch))
+
   return step
 
 
+class HostScoredStep:
+  """The step of a rows hook with `host_scored` (a served teacher scoring the student's
+  samples): jitted `draw`, the drawn rows to the host, `rows.score_on_host` adds the
+  teacher's fields (an HTTP request), then jitted `update` with the state donated. Called
+  like the one-phase step; `lower` gives the update phase's lowering, whose memory is the
+  step's (distill.parallel.memory.checked_step): the draw phase holds no gradients."""
+
+  def __init__(self, draw, update, rows_hook, mesh):
+    self.draw, self.update, self.rows_hook, self.mesh = draw, update, rows_hook, mesh
+
+  def _with_fields(self, drawn, fields: dict):
+    return drawn._replace(rows={**drawn.rows, **fields})
+
+  def __call__(self, state, teacher_params, batch):
+    drawn = self.draw(state, teacher_params, batch)
+    scored = self.rows_hook.score_on_host(jax.device_get(drawn.rows))
+    fields = {name: jax.device_put(value, mesh_lib.batch_sharding(self.mesh, value.ndim))
+              for name, value in scored.items()}
+    return self.update(state, teacher_params, self._with_fields(drawn, fields))
+
+  def lower(self, state, teacher_params, batch):
+    drawn = self.draw.lower(state, teacher_params, batch).compile().out_info
+    B, T = batch['tokens'].shape
+    fields = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=mesh_lib.batch_sharding(
+        self.mesh, len(shape))) for name, (shape, dtype) in self.rows_hook.host_fields(B, T).items()}
+    return self.update.lower(state, teacher_params, self._with_fields(drawn, fields))
+
+
 def make_step(config, run, method, graphdef, shardings, optimizer):
-  """build_step jitted with the state's shardings, the state donated (updated in place)."""
+  """build_step jitted with the state's shardings, the state donated (updated in place); a
+  HostScoredStep of the two phases when the rows hook scores its rows on the host."""
   ctx = make_context(config, run, graphdef, optimizer)
   teacher_shardings = jax.tree.map(lambda x: x.sharding, run.teacher_params)
-  step = build_step(ctx, method, skip_nonfinite=config.nonfinite == 'skip',
-                    grad_accum_steps=config.data.grad_accum_steps,
-                    quant_plan=quant.quant_plan(run.model_config, config.quant.type))
+  options = dict(skip_nonfinite=config.nonfinite == 'skip',
+                 grad_accum_steps=config.data.grad_accum_steps,
+                 quant_plan=quant.quant_plan(run.model_config, config.quant.type))
   # Traced under the run's layout: activations constrained by the student's rules at the
   # layer boundaries, the configured remat policy (distill.parallel.activations).
   layout = activations.Layout(run.mesh, run.rules, config.model.remat_policy)
-  return jax.jit(activations.traced_under(layout, step),
-                 in_shardings=(shardings, teacher_shardings, mesh_lib.batch_sharding(run.mesh)),
-                 out_shardings=(shardings, None), donate_argnums=(0,))
+  in_shardings = (shardings, teacher_shardings, mesh_lib.batch_sharding(run.mesh))
+  if method.rows.host_scored:
+    draw, update = build_phases(ctx, method, **options)
+    return HostScoredStep(
+        jax.jit(activations.traced_under(layout, draw), in_shardings=in_shardings),
+        # The drawn rows keep the draw phase's shardings; the state is donated here.
+        jax.jit(activations.traced_under(layout, update), out_shardings=(shardings, None),
+                donate_argnums=(0,)),
+        method.rows, run.mesh)
+  return jax.jit(activations.traced_under(layout, build_step(ctx, method, **options)),
+                 in_shardings=in_shardings, out_shardings=(shardings, None),
+                 donate_argnums=(0,))
