@@ -10,6 +10,7 @@ import concurrent.futures
 import dataclasses
 import math
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -287,7 +288,67 @@ def test_distillm_schedule_after_eval():
   expected = [(0.0, 2.0), (0.0, 2.0), (0.0, 2.0), (0.4, 2.2), (0.4, 2.2), (0.4, 2.2), (0.8, 2.4),
               (1.0, 2.6)]
   np.testing.assert_allclose(seen, expected, rtol=1e-6)
+  # "At least": a rise of exactly eps counts (2.0 -> 2.5 with eps 0.5, exact in binary).
+  rows.options['loss_eps'] = 0.5
+  state = {'threshold': jnp.float32(0.0), 'reference_loss': jnp.float32(jnp.inf)}
+  for loss in (2.0, 2.5):
+    state = rows.after_eval(state, {'ce': loss})
+  assert (float(state['threshold']), float(state['reference_loss'])) == (pytest.approx(0.4), 2.5)
 
+
+def test_distillm_fresh_sample_probability_follows_the_step_number():
+  """φ_fresh at the t-th of T steps (t − 1 steps done before it): decreasing φ·(1 − t/T),
+  constant φ/2, increasing φ·t/T."""
+  rows = distillm.AdaptiveReplayRows.__new__(distillm.AdaptiveReplayRows)
+  rows.config = types.SimpleNamespace(total_steps=10)
+  for ratio, want in (('decreasing', 0.8 * (1 - 3 / 10)), ('constant', 0.4),
+                      ('increasing', 0.8 * 3 / 10)):
+    rows.options = dict(distillm.AdaptiveReplayRows.DEFAULTS, replay_ratio=ratio)
+    got = rows._fresh_probability(jnp.float32(0.8), jnp.int32(2))
+    assert float(got) == pytest.approx(want, rel=1e-6), ratio
+
+
+def test_taid_linear_schedule_reaches_t_end_at_the_last_step():
+  """With α = 0, t after the n-th of N steps is the floor t_start + (t_end − t_start)·n/N (the
+  first step only records the loss): t_end once the last step is done."""
+  from distill import losses
+  from distill.algorithms import taid
+  objective = taid.TAID.__new__(taid.TAID)
+  objective.config = types.SimpleNamespace(total_steps=4)
+  state = losses.taid_init(t_start=0.2, t_end=1.0, alpha=0.0)
+  seen = []
+  for done in range(4):   # steps done before this one, as the train step passes it
+    state = objective.update_state(state, {'loss': (jnp.float32(2.0 - done), jnp.float32(1.0))},
+                                   jnp.int32(done))
+    seen.append(float(state['t']))
+  np.testing.assert_allclose(seen, [0.2, 0.6, 0.8, 1.0], rtol=1e-6)
+
+def test_distillm_fresh_rows_wrap_around_the_replay_ring():
+  """Fresh rows go to slots next, next+1, ... modulo the capacity, which need not be a
+  multiple of the batch: 4 rows written at next = 4 of a capacity of 6 land in slots 4, 5, 0
+  and 1 (JAX would drop writes past the end without a word)."""
+  from test_model import make_model
+  graphdef, params = nnx.split(make_model())
+  rows_hook = distillm.AdaptiveReplayRows.__new__(distillm.AdaptiveReplayRows)
+  rows_hook.options = dict(distillm.AdaptiveReplayRows.DEFAULTS, capacity=6)
+  rows_hook.config = types.SimpleNamespace(total_steps=10)
+  rows_hook.sampling = sampling.SamplingConfig(max_new_tokens=3)
+  B, T, C = 4, 8, 6
+  tokens = jnp.arange(B * T, dtype=jnp.int32).reshape(B, T) % 30 + 1
+  batch = {'tokens': tokens, 'targets': tokens, 'input_mask': jnp.ones((B, T), jnp.int32),
+           'loss_mask': jnp.ones((B, T), jnp.float32)}
+  buffer = {k: jnp.full((C, T), -1, v.dtype) for k, v in batch.items()}
+  # φ = 1 and a buffer not yet full: this step samples fresh rows.
+  state = {'threshold': jnp.float32(1.0), 'reference_loss': jnp.float32(1.0), 'buffer': buffer,
+           'size': jnp.int32(2), 'next': jnp.int32(4)}
+  inputs = hooks.StepInputs(params, None, state, jax.random.PRNGKey(0), jnp.int32(0))
+  drawn = rows_hook.draw(types.SimpleNamespace(student_graphdef=graphdef), inputs, batch)
+  assert float(drawn.metrics['source_fresh'][0]) == 1.0
+  for k in batch:
+    np.testing.assert_array_equal(drawn.state['buffer'][k][np.array([4, 5, 0, 1])],
+                                  drawn.rows[k])
+    np.testing.assert_array_equal(drawn.state['buffer'][k][2:4], buffer[k][2:4])
+  assert int(drawn.state['size']) == 6 and int(drawn.state['next']) == 2
 
 # ---------------------------------------------------------------------- bad input
 

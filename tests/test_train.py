@@ -4,6 +4,7 @@ import os
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from distill.train import teacher as teacher_lib
@@ -56,6 +57,9 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
     np.testing.assert_array_equal(a, b)
   strip = lambda rows: [{k: v for k, v in r.items() if k != 'tokens_per_s'} for r in rows]
   assert strip(read_metrics(straight)) == strip(read_metrics(crashed))
+  # Both runs could take one step too many alike: the checkpoint of step 8 has done 8 steps.
+  last = ocp.StandardCheckpointer().restore(os.path.join(crashed, 'checkpoints', '8', 'state'))
+  assert int(last['step']) == 8
 
 
 def test_eight_devices_match_one(tmp_path, teacher_dir):

@@ -167,11 +167,14 @@ MUTANTS = (
     Mutant('resume_iterator_not_restored', TRAINER,
            'batches.set_state(data_state)',
            'del data_state',
-           RESUME, 'the data iterator restarts from the beginning on resume'),
+           RESUME, 'the data iterator restarts from the beginning on resume',
+           first=('tests/test_train.py::test_kill_and_resume_is_bit_identical',)),
     Mutant('resume_repeats_a_step', TRAINER,
            'for step in range(start_step + 1, config.total_steps + 1):',
            'for step in range(start_step, config.total_steps + 1):',
-           RESUME, 'a resumed run trains its checkpoint step again (off by one)'),
+           RESUME, 'the loop starts at the restored step, not the one after it (off by one): '
+           'a fresh run also trains a step 0, so straight and resumed runs agree',
+           first=('tests/test_train.py::test_kill_and_resume_is_bit_identical',)),
     Mutant('resume_oldest_step', CKPT,
            'for step in sorted(self.manager.all_steps(), reverse=True):',
            'for step in sorted(self.manager.all_steps()):',
@@ -195,7 +198,7 @@ MUTANTS = (
            "slots = (buf['next'] + jnp.arange(B)) % C",
            "slots = buf['next'] + jnp.arange(B)",
            ALGORITHMS, 'the replay ring never wraps (JAX drops out-of-range writes silently)',
-           first=('tests/test_algorithms.py::test_distillm_schedule_after_eval',
+           first=('tests/test_algorithms.py::test_distillm_fresh_rows_wrap_around_the_replay_ring',
                   'tests/test_algorithms.py::test_distillm')),
     Mutant('distillm_rise_strict', 'distill/algorithms/distillm.py',
            "elif loss >= reference + self.options['loss_eps']:",
@@ -206,7 +209,7 @@ MUTANTS = (
            'progress = (step + 1).astype(jnp.float32) / self.config.total_steps',
            'progress = step.astype(jnp.float32) / self.config.total_steps',
            ALGORITHMS, 'the replay-ratio schedule lags one step',
-           first=('tests/test_algorithms.py::test_distillm_schedule_after_eval',
+           first=('tests/test_algorithms.py::test_distillm_fresh_sample_probability',
                   'tests/test_algorithms.py::test_distillm')),
     Mutant('skd_ties_replaced', 'distill/algorithms/skd.py',
            'accepted_B = proposal_logit_B >= kth_B   # ties at the K-th logit count as inside',
@@ -222,7 +225,8 @@ MUTANTS = (
            'return losses.taid_update(state, loss_sum / jnp.maximum(normaliser, 1e-9), step + 1,',
            'return losses.taid_update(state, loss_sum / jnp.maximum(normaliser, 1e-9), step,',
            ALGORITHMS, "TAID's linear floor uses the step before",
-           first=('tests/test_algorithms.py::test_taid',)),
+           first=('tests/test_algorithms.py::test_taid_linear_schedule',
+                  'tests/test_algorithms.py::test_taid')),
     Mutant('taid_improvement_sign', TAID_LOSS,
            'relative_change = (prev - loss) / (prev + 1e-15)',
            'relative_change = (loss - prev) / (prev + 1e-15)',
@@ -250,4 +254,19 @@ MUTANTS = (
 )
 
 # Survivors that behave exactly like the original code, with the reason (mutant id -> why).
-EQUIVALENT: dict[str, str] = {}
+# experiments/mutation/equivalence.py checks both bit for bit.
+EQUIVALENT: dict[str, str] = {
+    'obj_ce_targets_unmasked':
+        'cross_entropy ends in `jnp.where(valid, nll, 0.0)`: at a masked position whatever the '
+        'gather returns (NaN from take_along_axis\'s fill mode for an out-of-range id) is '
+        'discarded, and the where sends exactly 0 back there, which the gather\'s transpose '
+        'drops (out of range) or adds as 0. Values and gradients are bit-identical with masked '
+        'targets -100, 0, V+5 and an in-range id (`python -m experiments.mutation.equivalence`).',
+    'chunk_targets_unmasked':
+        'both forms keep w·ℓ only where w ≠ 0 (`_weighted_sum`\'s where), so a masked '
+        'position\'s target never reaches the value and gets exactly 0 of the gradient; every '
+        'objective the package builds masks or ignores targets itself. Bit-identical values '
+        'and gradients, plain and chunked, with and without a gradient taken, for the same '
+        'targets (`python -m experiments.mutation.equivalence`). The zeroing still guards a '
+        'custom token_fn whose gradient turns 0·(something infinite) into NaN.',
+}

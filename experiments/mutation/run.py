@@ -100,6 +100,12 @@ def _worktree() -> pathlib.Path:
   return tree
 
 
+def remove_worktree(tree: pathlib.Path) -> None:
+  subprocess.run(['git', 'worktree', 'remove', '--force', str(tree)], cwd=REPO,
+                 capture_output=True)
+  shutil.rmtree(tree.parent, ignore_errors=True)
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--label', default='before', help='the run is saved as runs/LABEL.json')
@@ -148,9 +154,7 @@ def main(argv=None) -> None:
       _save(record, started, complete=False)   # a pass stopped early keeps what it found
     _save(record, started, complete=True)
   finally:
-    subprocess.run(['git', 'worktree', 'remove', '--force', str(tree)], cwd=REPO,
-                   capture_output=True)
-    shutil.rmtree(tree.parent, ignore_errors=True)
+    remove_worktree(tree)
   print(f'{len(mutants)} mutants in {record["wall_s"]} s; runs/{args.label}.json, results.md')
 
 
