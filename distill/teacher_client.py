@@ -317,17 +317,20 @@ def _parse_completion_ids(choice, index: int, max_tokens: int) -> list[int]:
           for i, t in enumerate(tokens)]
 
 
-def open_for_run(config, tokenizer, local_fingerprint: str | None) -> TeacherClient:
+def open_for_run(config, tokenizer, local_fingerprint: str | None,
+                 url: str | None = None) -> TeacherClient:
   """The client of config.teacher.server, connected and checked against the run: the served
   model's fingerprint must be the local checkpoint's (local_fingerprint) and
-  config.teacher.fingerprint when set, and its tokenizer the run's; refused naming both."""
+  config.teacher.fingerprint when set, and its tokenizer the run's; refused naming both.
+  url: a server of config.teachers.more instead (its only model, its tokenizer checked)."""
   t = config.teacher
-  client = TeacherClient(t.server, model=t.server_model,
+  client = TeacherClient(url or t.server, model='' if url else t.server_model,
                          options=ClientOptions(**t.client.to_dict()))
   served = client.connect()
   where = f'teacher server {client.url} (model {served.name!r})'
-  for expected, source in ((local_fingerprint, 'config.teacher.checkpoint'),
-                           (t.fingerprint, 'config.teacher.fingerprint')):
+  expected_fingerprints = () if url else ((local_fingerprint, 'config.teacher.checkpoint'),
+                                          (t.fingerprint, 'config.teacher.fingerprint'))
+  for expected, source in expected_fingerprints:
     if expected and served.fingerprint is None:
       raise TeacherServerError(f'{where} reports no model fingerprint, so it cannot be checked '
                                f'against {source} ({expected}): refused')

@@ -11,9 +11,11 @@ import jax
 import numpy as np
 import pytest
 import requests
+from flax import nnx
 
 from distill.algorithms import hooks, policy_gradient, rollout, topk
-from distill.data import teacher_cache
+from distill import teacher_pool
+from distill.data import pipeline, teacher_cache
 from distill.data.tokenizer import CharTokenizer
 from distill.serve.batcher import ScoreBatcher
 from distill.serve.engine import Engine
@@ -300,6 +302,61 @@ def test_on_policy_methods_a_server_cannot_score_are_refused(server, tmp_path, m
   config.loss.divergence = divergence or config.loss.divergence
   with pytest.raises((ValueError, TeacherServerError), match=problem):
     rows_hook(config, tmp_path)
+
+
+def test_two_served_teachers_mixed_or_routed(engine, teachers, tmp_path):
+  """topk_online against two servers mixed by weights: at k = V - 1 (one unlisted id per
+  teacher, distill.teacher_pool's spread rule is then exact) the rows' top-k are the exact
+  mixture of the two teachers' own distributions; routed, each row is its teacher's."""
+  vocab = CharTokenizer().vocab_size
+  second = Engine(teachers[1])
+  servers = [start(e, max_logprobs=vocab) for e in (engine, second)]
+  try:
+    config = config_for('arithmetic_cached', url=servers[0].url)
+    config.algorithm.name, config.algorithm.kwargs = 'topk_online', {'k': vocab - 1}
+    config.teachers.more, config.teachers.weights = (servers[1].url,), (0.7, 0.3)
+    run = run_lib.build_run(config, str(tmp_path))
+    batch = next(trainer.make_method(run).train_batches(run_lib.train_iterator(run)))
+    mask = batch['loss_mask'] != 0
+    exact = sum(w * jax.nn.softmax(nnx.merge(e.graphdef, e.params)(
+        batch['tokens'], batch['input_mask']).astype(np.float32), axis=-1)
+        for w, e in zip((0.7, 0.3), (engine, second)))
+    listed = mask[..., None] & (batch['topk_logprobs'] > -np.inf)
+    assert batch['topk_ids'].shape[-1] == 2 * (vocab - 1) and listed.any(-1)[mask].all()
+    np.testing.assert_allclose(
+        np.exp(batch['topk_logprobs'][listed]),
+        np.take_along_axis(np.asarray(exact), batch['topk_ids'], -1)[listed], rtol=1e-4)
+
+    routed = teacher_pool.ServedTeachers(run.teacher_server.clients, (), vocab)
+    route_B = np.array([0, 1] * (len(batch['tokens']) // 2), np.int32)
+    rows = {**batch, pipeline.ROUTE_FIELD: np.repeat(route_B[:, None], batch['tokens'].shape[1], 1)}
+    got = routed.score_rows(rows, 4, tokens=True)
+    each = [c.score_rows(batch, 4, tokens=True) for c in run.teacher_server.clients]
+    for b, r in enumerate(route_B):
+      for field in ('topk_ids', 'topk_logprobs', 'token_logprobs'):
+        np.testing.assert_array_equal(getattr(got, field)[b], getattr(each[r], field)[b])
+
+    second.tokenizer_fingerprint = 'hf-another'   # the second server now names another one
+    with pytest.raises(TeacherServerError, match=f'{servers[1].url}.*uses tokenizer hf-another'):
+      run_lib.build_run(config, str(tmp_path))
+  finally:
+    for server in servers:
+      server.stop()
+
+
+def test_served_and_in_process_teachers_in_one_list_are_refused(server, teachers, tmp_path):
+  config = config_for('arithmetic_cached', url=server.url)
+  config.teachers.more, config.teachers.weights = (teachers[1],), (0.5, 0.5)
+  with pytest.raises(ValueError, match='either all served .* a mix of the two is not built'):
+    run_lib.build_run(config, str(tmp_path))
+  config = config_for('arithmetic_cached', teacher=teachers[0])
+  config.teachers.more, config.teachers.weights = (server.url,), (0.5, 0.5)
+  with pytest.raises(ValueError, match='names servers .* need config.teacher.server'):
+    run_lib.build_run(config, str(tmp_path))
+  config = config_for('arithmetic_onpolicy_rkl', url=server.url)
+  config.teachers.more, config.teachers.routes = (server.url,), ('a', 'b')
+  with pytest.raises(ValueError, match="only topk_online's dataset batches carry"):
+    run_lib.build_run(config, str(tmp_path))
 
 
 class _Canned(BaseHTTPRequestHandler):

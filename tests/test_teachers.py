@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from distill import teacher_pool
 from distill.algorithms import divergence, hooks, teachers
 from distill.data import pipeline
 from distill.data.tokenizer import CharTokenizer
@@ -240,3 +241,45 @@ def test_methods_that_run_the_teacher_are_refused(routed_data, teacher_dirs, tmp
   config.algorithm.name = 'topk_online'
   with pytest.raises(ValueError, match="algorithm 'topk_online' minimises TopKForwardKL"):
     trainer.make_method(run_lib.build_run(config, str(tmp_path)))
+
+
+def _dense_teachers(n: int, vocab: int, rows: int, seed: int):
+  """[n, rows, V] float64 distributions, peaked enough that top-k cut real mass."""
+  logits = 2.0 * np.random.default_rng(seed).standard_normal((n, rows, vocab))
+  return np.exp(logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True))
+
+
+@pytest.mark.parametrize('k', [4, 11])   # 11 = V - 1: one unlisted id per teacher
+def test_served_topk_mixture_against_float64(k):
+  """Several served teachers' top-k mixed (distill.teacher_pool.mix_topk): each union id's
+  probability is Σ_i w_i p̃_i(v) with p̃_i teacher i's listed probability or its missing mass
+  spread over its V - k unlisted ids; the bucket is the spread mass outside the union; at
+  k = V - 1 that is the exact mixture."""
+  vocab, rows, weights = 12, 20, (0.5, 0.3, 0.2)
+  p_NxRxV = _dense_teachers(3, vocab, rows, seed=k)
+  ids = [np.argsort(-p, axis=-1)[:, :k] for p in p_NxRxV]
+  logprobs = [np.log(np.take_along_axis(p, i, -1)).astype(np.float32)
+              for p, i in zip(p_NxRxV, ids)]
+  got_ids, got_logprobs = teacher_pool.mix_topk(ids, logprobs, weights, vocab)
+  assert got_ids.shape == got_logprobs.shape == (rows, 3 * k)
+  for r in range(rows):
+    spread_RxV = np.empty((3, vocab))
+    for i in range(3):
+      spread_RxV[i] = (1 - p_NxRxV[i, r, ids[i][r]].sum()) / (vocab - k)
+      spread_RxV[i, ids[i][r]] = p_NxRxV[i, r, ids[i][r]]
+    want_V = np.asarray(weights) @ spread_RxV
+    union = sorted({int(v) for i in ids for v in i[r]})
+    listed = got_logprobs[r] > -np.inf
+    got = dict(zip(got_ids[r][listed].tolist(), np.exp(got_logprobs[r][listed].astype(np.float64))))
+    first = int(listed.sum())   # the union's ids first, best first, then the repeats at -inf
+    assert sorted(got) == union and listed[:first].all()
+    assert (np.diff(got_logprobs[r][:first]) <= 0).all()
+    np.testing.assert_allclose([got[v] for v in union], want_V[union], rtol=1e-5)
+    outside = np.setdiff1d(np.arange(vocab), union)
+    np.testing.assert_allclose(1 - sum(got.values()), want_V[outside].sum(), atol=1e-6)
+    if k == vocab - 1:
+      exact_V = np.asarray(weights) @ p_NxRxV[:, r]
+      np.testing.assert_allclose([got[v] for v in union], exact_V[union], rtol=1e-5)
+  tokens = [np.log(p[:, 0]).astype(np.float32) for p in p_NxRxV]
+  np.testing.assert_allclose(teacher_pool.mix_token_logprobs(tokens, weights),
+                             np.log(np.asarray(weights) @ p_NxRxV[:, :, 0]), rtol=1e-6)

@@ -96,7 +96,8 @@ def base_config() -> ml_collections.ConfigDict:
       concurrency=4))
 
   # Several teachers (distill.algorithms.teachers): config.teacher.checkpoint is the first,
-  # teachers.more the others (finished runs' workdirs or Hugging Face folders, same tokenizer
+  # teachers.more the others (finished runs' workdirs or Hugging Face folders, or with
+  # teacher.server the other servers' URLs: distill.teacher_pool; same tokenizer
   # and vocabulary). Either mixed per token, p = sum_i w_i p_i (teachers.weights, the first
   # teacher's first, summing to 1), or routed per row (teachers.routes: each teacher's value
   # of the rows' route field, e.g. a JSONL source's task.kwargs.route_field). Each teacher's

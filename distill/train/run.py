@@ -107,6 +107,9 @@ def build_run(config, workdir: str) -> Run:
     local = (None if run.teacher_params is None else
              teacher_cache.fingerprint_model(run.teacher_config, run.teacher_params))
     run.teacher_server = teacher_client.open_for_run(config, tokenizer, local)
+    if config.teachers.more:   # several served teachers, answering as one
+      run.teacher_server, run.teacher_route = teacher_lib.served_teachers(
+          config, tokenizer, task, run.teacher_server, model_config.vocab_size)
   return run
 
 

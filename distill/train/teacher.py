@@ -1,6 +1,7 @@
 """Runs hand their final params to later runs (a teacher to its students) through
 `workdir/model.json` + `workdir/params/`; this module writes and reads that pair, and
-checks and assembles several teachers (config.teachers) into one ensemble."""
+checks and assembles several teachers (config.teachers) into one ensemble, or several served
+teachers into one pool (distill.teacher_pool)."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,7 +11,7 @@ import os
 
 from jax.sharding import Mesh
 
-from distill import atomic_file
+from distill import atomic_file, teacher_client, teacher_pool
 from distill.algorithms import teachers as teachers_lib
 from distill.algorithms.hooks import is_real
 from distill.data.hf_tokenizer import HFTokenizer
@@ -61,12 +62,24 @@ def check_teachers_config(config) -> None:
       raise ValueError('config.teachers.weights / routes need config.teachers.more (the '
                        'teachers after config.teacher.checkpoint)')
     return
-  if not config.teacher.checkpoint:
+  served = [is_url(entry) for entry in t.more]
+  if config.teacher.server:
+    if config.teacher.checkpoint or not all(served):
+      raise ValueError('several teachers are either all served (config.teacher.server and URLs '
+                       'in config.teachers.more) or all in-process (config.teacher.checkpoint '
+                       f'and run folders); got teacher.checkpoint={config.teacher.checkpoint!r}, '
+                       f'teachers.more={tuple(t.more)}: a mix of the two is not built')
+    if t.routes and config.algorithm.name != 'topk_online':
+      raise ValueError('routed served teachers (config.teachers.routes) need each row\'s route '
+                       'field, which only topk_online\'s dataset batches carry, not those of '
+                       f'{config.algorithm.name!r}; mix them by config.teachers.weights')
+  elif not config.teacher.checkpoint:
     raise ValueError('config.teachers.more adds teachers after config.teacher.checkpoint, '
                      'which is not set')
-  if config.teacher.server:
-    raise ValueError('several teachers (config.teachers.more) run in-process; a served teacher '
-                     '(config.teacher.server) cannot be one of them yet')
+  elif any(served):
+    raise ValueError(f'config.teachers.more names servers {[m for m in t.more if is_url(m)]}: '
+                     'served teachers need config.teacher.server for the first one (and every '
+                     'teacher served)')
   if config.teacher.tokenizer:
     raise ValueError('several teachers (config.teachers.more) share the student\'s tokenizer; '
                      'a teacher with its own (config.teacher.tokenizer) cannot be one of them')
@@ -87,6 +100,30 @@ def check_teachers_config(config) -> None:
   elif not all(isinstance(r, str) and r for r in t.routes) or len(set(t.routes)) != n:
     raise ValueError(f'config.teachers.routes must be {n} distinct non-empty strings, got '
                      f'{tuple(t.routes)}')
+
+
+def is_url(entry: str) -> bool:
+  """Whether a teachers.more entry names a server (http:// or https://), not a run folder."""
+  return isinstance(entry, str) and entry.startswith(('http://', 'https://'))
+
+
+def route_of(config, task):
+  """(split, index) -> the index of that example's teacher, for config.teachers.routes (None
+  without routes), checked: the task's rows name only known routes."""
+  t = config.teachers
+  if not t.routes:
+    return None
+  values = getattr(task, 'route_values', None)
+  if not values:
+    raise ValueError(f'config.teachers.routes: the rows of task {task.name!r} name no teacher; '
+                     'a JSONL or Parquet source names it in a field '
+                     '(task.kwargs.route_field=\'teacher_route\')')
+  unknown = sorted(values - set(t.routes))
+  if unknown:
+    raise ValueError(f'task {task.name!r} routes rows to {unknown}, which no teacher serves: '
+                     f'config.teachers.routes is {tuple(t.routes)}')
+  index = {value: i for i, value in enumerate(t.routes)}
+  return lambda split, i: index[task.route(split, i)]
 
 
 def _tokenizer_of(checkpoint: str):
@@ -141,17 +178,14 @@ def ensemble(config, tokenizer, task, loaded):
   mix = teachers_lib.Ensemble(graphdefs=tuple(graphdefs), names=_names(checkpoints),
                               softcaps=tuple(m.final_softcap for m in model_configs),
                               weights=tuple(float(w) for w in t.weights))
-  route = None
-  if t.routes:
-    values = getattr(task, 'route_values', None)
-    if not values:
-      raise ValueError(f'config.teachers.routes: the rows of task {task.name!r} name no teacher; '
-                       'a JSONL or Parquet source names it in a field '
-                       '(task.kwargs.route_field=\'teacher_route\')')
-    unknown = sorted(values - set(t.routes))
-    if unknown:
-      raise ValueError(f'task {task.name!r} routes rows to {unknown}, which no teacher serves: '
-                       f'config.teachers.routes is {tuple(t.routes)}')
-    index = {value: i for i, value in enumerate(t.routes)}
-    route = lambda split, i: index[task.route(split, i)]
-  return mix, tuple(params), route
+  return mix, tuple(params), route_of(config, task)
+
+
+def served_teachers(config, tokenizer, task, first, vocab_size: int):
+  """(ServedTeachers, route or None): config.teacher.server's connected client `first` and
+  one per URL of config.teachers.more, each server's tokenizer checked against the run's."""
+  clients = [first] + [teacher_client.open_for_run(config, tokenizer, None, url=url)
+                       for url in config.teachers.more]
+  pool = teacher_pool.ServedTeachers(clients, tuple(float(w) for w in config.teachers.weights),
+                                     vocab_size)
+  return pool, route_of(config, task)
