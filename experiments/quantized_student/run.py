@@ -14,7 +14,10 @@
    type for each QAD fine-tune, q4_k_m and q4_0 for the control) and evaluated by
    `python -m distill.evaluate` (distill.eval.quantized) against the teacher and the distilled
    fp32 student: accuracy, CE, KL, top-1 agreement, size; the llama.cpp column when
-   llama-cpp-python is importable.
+   llama-cpp-python is importable; and every student's fp32 weights the same way.
+Finished runs are not retrained (a rerun re-evaluates them). The Markdown tables: `table` (every
+student and format) and `recovery` (per 4-bit type: the cost of quantizing, and control - QAD
+paired by seed); both mean ± sample SD over seeds.
 """
 from __future__ import annotations
 
@@ -44,20 +47,30 @@ QAD_TYPES = ('q4_k_m', 'q4_0')
 
 
 def _train(config, workdir: str) -> float:
+  """Trains unless finished; the wall-clock seconds of the training (kept beside the run, so a
+  rerun that only re-evaluates still reports them)."""
+  seconds_path = os.path.join(workdir, 'train_seconds.json')
   if os.path.exists(os.path.join(workdir, 'final_metrics.json')):
-    return 0.0
+    if os.path.exists(seconds_path):
+      with open(seconds_path) as f:
+        return json.load(f)
+    return float('nan')
   start = time.time()
   trainer.train(config, workdir)
-  return time.time() - start
+  seconds = time.time() - start
+  with open(seconds_path, 'w') as f:
+    json.dump(seconds, f)
+  return seconds
 
 
-def teacher(args) -> str:
+def teacher(args) -> tuple[str, float]:
   c = arithmetic_teacher.get_config()
   c.total_steps, c.checkpoint_steps = args.teacher_steps, args.teacher_steps
   c.wandb.mode, c.progress_bar = 'disabled', False
   workdir = os.path.join(args.workdir, 'teacher')
-  print(f'teacher: {_train(c, workdir):.0f} s', flush=True)
-  return workdir
+  seconds = _train(c, workdir)
+  print(f'teacher: {seconds:.0f} s', flush=True)
+  return workdir, seconds
 
 
 def student_config(args, teacher_dir: str, seed: int, steps: int):
@@ -88,31 +101,62 @@ def evaluate(model: str, teacher_dir: str, reference: str) -> dict:
   return quantized.evaluate(args)
 
 
+COLUMNS = [('accuracy', 'jax', 'accuracy', '{:.3f}'), ('CE', 'jax', 'ce', '{:.4f}'),
+           ('KL to teacher', 'jax', 'kl_teacher', '{:.4f}'),
+           ('KL to fp32 student', 'jax', 'kl_reference', '{:.2e}'),
+           ('top-1 = fp32 student', 'jax', 'top1_reference', '{:.4f}'),
+           ('llama.cpp max abs logit diff', 'llama_cpp', 'max_abs_logit_diff_vs_jax', '{:.1e}')]
+
+
+def _mean_sd(values, fmt: str) -> str:
+  """mean ± sample standard deviation (n - 1) over seeds."""
+  cell = fmt.format(np.mean(values))
+  return cell + (' ± ' + fmt.format(np.std(values, ddof=1)) if len(values) > 1 else '')
+
+
+def _by_seed(results: dict, student_name: str, file_type: str) -> dict:
+  return {r['seed']: r for r in results['rows']
+          if r['student'] == student_name and r['format'] == file_type}
+
+
 def table(results: dict) -> str:
-  """Markdown: mean (± std over seeds) per student and format."""
+  """Markdown: mean ± SD over seeds per student and format."""
   groups: dict = {}
   for row in results['rows']:
     groups.setdefault((row['student'], row['format']), []).append(row)
-  cols = [('accuracy', 'jax', 'accuracy', '{:.3f}'), ('CE', 'jax', 'ce', '{:.4f}'),
-          ('KL to teacher', 'jax', 'kl_teacher', '{:.4f}'),
-          ('KL to fp32 student', 'jax', 'kl_reference', '{:.2e}'),
-          ('top-1 = fp32 student', 'jax', 'top1_reference', '{:.4f}'),
-          ('llama.cpp max abs logit diff', 'llama_cpp', 'max_abs_logit_diff_vs_jax', '{:.1e}')]
-  lines = ['| student | format | GGUF MiB | ' + ' | '.join(c[0] for c in cols) + ' |',
-           '|---|---|---:|' + '---:|' * len(cols)]
+  lines = ['| student | format | seeds | GGUF MiB | weights + KV 1k ctx MiB | ' +
+           ' | '.join(c[0] for c in COLUMNS) + ' |', '|---|---|---:|---:|---:|' +
+           '---:|' * len(COLUMNS)]
   for (student_name, file_type), rows in groups.items():
-    size = rows[0]['memory'].get('gguf_bytes')
-    cells = [student_name, file_type, f'{size / 2**20:.3f}' if size else '-']
-    for _, column, key, fmt in cols:
+    memory = rows[0]['memory']
+    size = memory.get('gguf_bytes')
+    cells = [student_name, file_type, str(len(rows)), f'{size / 2**20:.3f}' if size else '-',
+             f'{memory["total_bytes_1k_context"] / 2**20:.3f}']
+    for _, column, key, fmt in COLUMNS:
       values = [r[column][key] for r in rows if key in r.get(column, {})]
-      if not values:
-        cells.append('-')
-        continue
-      cell = fmt.format(np.mean(values))
-      if len(values) > 1:
-        cell += ' ± ' + fmt.format(np.std(values))
-      cells.append(cell)
+      cells.append(_mean_sd(values, fmt) if values else '-')
     lines.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def recovery(results: dict) -> str:
+  """Markdown: per 4-bit type, what quantization costs the distilled student and what QAD wins
+  back against the control (the same extra steps without quantization), paired by seed."""
+  lines = ['| type | metric | distilled fp32 | distilled at type | control at type | '
+           'QAD at type | control - QAD (paired) |', '|---|---|---:|---:|---:|---:|---:|']
+  for file_type in QAD_TYPES:
+    students = [_by_seed(results, 'distilled', 'fp32 (JAX)'),
+                _by_seed(results, 'distilled', file_type),
+                _by_seed(results, 'finetuned', file_type),
+                _by_seed(results, f'qad_{file_type}', file_type)]
+    seeds = sorted(set.intersection(*(set(s) for s in students)))
+    if not seeds:
+      continue
+    for label, _, key, fmt in COLUMNS[:4]:
+      values = [[s[seed]['jax'][key] for seed in seeds] for s in students]
+      cells = [_mean_sd(v, fmt) for v in values]
+      cells.append(_mean_sd(np.subtract(values[2], values[3]), fmt))
+      lines.append(f'| {file_type} | {label} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
 
 
@@ -129,11 +173,12 @@ def main():
   args = p.parse_args()
   if args.table_only:
     with open(args.out) as f:
-      print(table(json.load(f)))
+      results = json.load(f)
+    print(table(results), recovery(results), sep='\n\n')
     return
   start = time.time()
-  teacher_dir = teacher(args)
-  rows, times = [], {}
+  teacher_dir, teacher_seconds = teacher(args)
+  rows, times = [], {'teacher': teacher_seconds}
   for seed in range(args.seeds):
     base = os.path.join(args.workdir, f'seed{seed}', 'distilled')
     times[f'seed{seed}/distilled'] = _train(student_config(args, teacher_dir, seed,
@@ -152,14 +197,15 @@ def main():
         out = evaluate(export(workdir, file_type), teacher_dir, base)
         rows.append({'seed': seed, 'student': name, 'format': file_type, **out})
         print(seed, name, file_type, json.dumps(out['jax']), flush=True)
-      if name == 'distilled':
-        out = evaluate(workdir, teacher_dir, base)
-        rows.append({'seed': seed, 'student': name, 'format': 'fp32 (JAX)', **out})
+      # Every student's fp32 master weights too: the control's separate what its extra steps
+      # did from what quantizing it costs; a QAD student's show what it learnt off-grid.
+      out = evaluate(workdir, teacher_dir, base)
+      rows.append({'seed': seed, 'student': name, 'format': 'fp32 (JAX)', **out})
   results = {'args': vars(args), 'train_seconds': times,
              'total_seconds': time.time() - start, 'rows': rows}
   with open(args.out, 'w') as f:
     json.dump(results, f, indent=1)
-  print(table(results))
+  print(table(results), recovery(results), sep='\n\n')
 
 
 if __name__ == '__main__':
