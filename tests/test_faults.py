@@ -289,6 +289,19 @@ def test_retention_keeps_the_last_n_and_the_best_by_a_metric(tmp_path):
   assert ckpt_lib.Checkpointer(str(tmp_path), {'run': 1}).manager.all_steps() == [2, 5, 6]
 
 
+def test_a_model_too_large_for_the_host_is_refused_before_anything_is_allocated(tmp_path):
+  """Found by the fuzz counts (experiments/faults/fuzz.py): model.n_layers=2939983039 spent
+  23 GB and 42 s on a per-layer tuple in the config's validation, then went on to fail inside
+  XLA. Now the train state's size is checked first, on CPU against the host's memory."""
+  from distill.parallel import memory
+  config = small_config('arithmetic_student', 'small,scratch')
+  config.mesh.data = 1
+  config.model.n_layers = 2**40   # a regression: a MemoryError at once, not a 23 GB wait
+  with pytest.raises(memory.DoesNotFit, match=r'the train state does not fit: .* per device '
+                     r'.*host memory.*model\.n_layers=1099511627776'):
+    trainer.train(config, str(tmp_path))
+
+
 def test_a_save_the_disk_cannot_hold_is_refused_before_writing(tmp_path, monkeypatch):
   import shutil
   from distill.train import checkpoint as ckpt_lib

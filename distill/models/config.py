@@ -81,6 +81,17 @@ class ModelConfig:
       return tuple(t == 'sliding_attention' for t in self.layer_types)
     return (self.sliding_window > 0,) * self.n_layers
 
+  # any(sliding_layers) / all(sliding_layers) without building that n_layers-long tuple (GBs
+  # for a mistyped n_layers, before any check on the model's size could run).
+  @property
+  def any_sliding(self) -> bool:
+    return 'sliding_attention' in self.layer_types if self.layer_types else self.sliding_window > 0
+
+  @property
+  def all_sliding(self) -> bool:
+    return (set(self.layer_types) == {'sliding_attention'} if self.layer_types
+            else self.sliding_window > 0)
+
   def validate(self) -> None:
     """Raises ValueError naming the first offending field."""
     for name in ('vocab_size', 'd_model', 'n_layers', 'n_heads', 'n_kv_heads', 'd_ff',
@@ -131,7 +142,7 @@ class ModelConfig:
                              or not set(self.layer_types) <= set(LAYER_TYPES)):
       raise ValueError(f'ModelConfig.layer_types must list n_layers={self.n_layers} entries of '
                        f'{LAYER_TYPES}, got {self.layer_types!r}')
-    if any(self.sliding_layers) and not self.sliding_window:
+    if self.any_sliding and not self.sliding_window:
       raise ValueError('ModelConfig.layer_types has sliding_attention layers but sliding_window=0')
 
   def _validate_rope_scaling(self):

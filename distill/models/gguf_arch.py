@@ -109,7 +109,7 @@ def check(cfg: ModelConfig, arch: str):
     raise ValueError("llama.cpp's gemma2 always soft-caps attention scores and logits; this "
                      f'model has attn_softcap={cfg.attn_softcap}, '
                      f'final_softcap={cfg.final_softcap}')
-  if arch == 'gemma3' and kind == 'linear' and any(cfg.sliding_layers) and \
+  if arch == 'gemma3' and kind == 'linear' and cfg.any_sliding and \
       not cfg.rope_local_theta:
     raise ValueError("llama.cpp's gemma3 rotates sliding layers without the rope scaling; this "
                      'model scales them too (set rope_local_theta)')

@@ -86,7 +86,7 @@ def table(cfg: ModelConfig, n_positions: int, local: bool = False):
 
 def has_local_table(cfg: ModelConfig) -> bool:
   """Whether sliding layers rotate with a table of their own (Gemma 3's local base)."""
-  return bool(cfg.rope_local_theta) and any(cfg.sliding_layers)
+  return bool(cfg.rope_local_theta) and cfg.any_sliding
 
 
 def at(tables, pos_BxT):

@@ -128,11 +128,11 @@ class Transformer(nnx.Module):
     full, sliding = self._layer_kinds(
         lambda local: rope_lib.at(rope_lib.table(cfg, T, local), pos_BxT),
         allowed_BxTxT, lambda: layers_lib.within_window(cfg, pos_BxT, pos_BxT))
-    mixed = any(cfg.sliding_layers) and not all(cfg.sliding_layers)
+    mixed = cfg.any_sliding and not cfg.all_sliding
 
     def body(x, xs):
       p, is_sliding = xs
-      rope, allowed = sliding if all(cfg.sliding_layers) else full
+      rope, allowed = sliding if cfg.all_sliding else full
       if mixed:   # a per-layer flag picks this layer's rotary rows and mask
         rope = tuple(jnp.where(is_sliding, a, b) for a, b in zip(sliding[0], rope))
         allowed = jnp.where(is_sliding, sliding[1], allowed)
@@ -269,7 +269,7 @@ class Transformer(nnx.Module):
     the [B, T, S] sliding-window condition."""
     cfg = self.config
     full = (rope_of(False), allowed)
-    if not any(cfg.sliding_layers):
+    if not cfg.any_sliding:
       return full, None
     rope = rope_of(True) if rope_lib.has_local_table(cfg) else full[0]
     return full, (rope, allowed & window())

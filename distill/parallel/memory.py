@@ -5,12 +5,14 @@ The state's and the teacher's shares come from their shardings; XLA's memory ana
 compiled (SPMD-partitioned, so per-device) step gives its arguments, outputs and temporaries
 (activations, gradients, the loss's chunks). The step's footprint is arguments + outputs +
 temporaries, donated buffers counted once. A device's memory is what the backend reports
-(GPU/TPU allocators' bytes_limit) or config.mesh.device_memory_gb; CPU reports none and is not
-checked.
+(GPU/TPU allocators' bytes_limit) or config.mesh.device_memory_gb; CPU reports none and its
+step is not checked. Before any of that, the train state's share per device is checked
+against what a device can hold (on CPU, its share of the host's memory): check_state.
 """
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 
@@ -33,6 +35,34 @@ def device_memory_bytes(configured_gb: float = 0.0) -> int | None:
     return int(configured_gb * 1e9)
   stats = jax.local_devices()[0].memory_stats()
   return stats.get('bytes_limit') if stats else None
+
+
+def host_memory_per_device() -> int:
+  """A CPU device's share of the host's physical memory (CPU devices share it)."""
+  return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') // jax.local_device_count()
+
+
+def check_state(abstract_state, shardings, sizes: str = '') -> None:
+  """Raises DoesNotFit before the train state is created when one device's share of it
+  (params, optimizer moments, algorithm state) exceeds what the device can hold: the
+  backend's figure, on CPU its share of the host's memory. The step's check (against
+  mesh.device_memory_gb too) comes only after compiling, and a state this large would first
+  fail inside XLA's allocation, or take the shared host's memory. `sizes`: the model's size
+  fields, for the message."""
+  placed = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        abstract_state, shardings)
+  need = per_device_bytes(placed)
+  limit = device_memory_bytes()
+  of = 'a device'
+  if limit is None:
+    limit = host_memory_per_device()
+    of = f'the host memory shared by {jax.local_device_count()} CPU device(s)'
+  if need > limit:
+    raise DoesNotFit(
+        f'the train state does not fit: {_size(need)} per device (params '
+        f'{_size(per_device_bytes(placed["params"]))}, optimizer '
+        f'{_size(per_device_bytes(placed["opt_state"]))}), {of} has {_size(limit)}. Check the '
+        f'model\'s size ({sizes}) or shard over more devices (mesh.fsdp, mesh.tensor)')
 
 
 def step_report(compiled, state, teacher_params) -> dict:

@@ -38,8 +38,9 @@ def _on_alarm(signum, frame):
 
 
 def _fuzz(strategy, check, *, examples: int, rng_seed: int, timeout_s: int):
-  """(outcome counts, failing cases as drawn, slowest case in seconds) over `examples` cases."""
-  counts, failures, slowest = collections.Counter(), [], 0.0
+  """(outcome counts, failing cases as drawn, (seconds, value) of the slowest case) over
+  `examples` cases."""
+  counts, failures, slowest = collections.Counter(), [], (0.0, None)
 
   @seed(rng_seed)
   @settings(max_examples=examples, deadline=None, database=None, phases=[Phase.generate],
@@ -47,7 +48,7 @@ def _fuzz(strategy, check, *, examples: int, rng_seed: int, timeout_s: int):
   @given(value=strategy)
   def run(value):
     nonlocal slowest
-    start = time.monotonic()
+    start, drawn = time.monotonic(), value
     signal.alarm(timeout_s)
     try:
       outcome = check(value)
@@ -59,7 +60,7 @@ def _fuzz(strategy, check, *, examples: int, rng_seed: int, timeout_s: int):
       outcome, value = CRASH, (value, f'{type(e).__name__}: {e}')
     finally:
       signal.alarm(0)
-    slowest = max(slowest, time.monotonic() - start)
+    slowest = max(slowest, (time.monotonic() - start, drawn), key=lambda s: s[0])
     counts[outcome] += 1
     if outcome == cases.UNBUILDABLE:
       reject()   # hypothesis draws another case in its place
@@ -99,7 +100,8 @@ def main(argv=None) -> int:
       run = sum(counts[o] for o in OUTCOMES)
       failed += sum(counts[o] for o in (UNCLEAR, CRASH, HANG))
       lines.append(f'| {name} | {run} | ' + ' | '.join(str(counts[o]) for o in OUTCOMES)
-                   + f' | {slowest:.2f} s |')
+                   + f' | {slowest[0]:.2f} s |')
+      shown.append(f'{name}: slowest case ({slowest[0]:.2f} s): {slowest[1]!r}')
       if counts[cases.UNBUILDABLE]:
         shown.append(f'{name}: {counts[cases.UNBUILDABLE]} drawn cases pyarrow cannot write '
                      'were set aside (not counted)')
