@@ -198,3 +198,33 @@ def test_minillm_defaults_are_biased_for_the_sequence_gradient(problem, exact, t
   exact_grad = exact['sequence']
   cosine = float(grad @ exact_grad / jnp.linalg.norm(grad) / jnp.linalg.norm(exact_grad))
   assert error > 1e-3 and cosine > 0.5, (error, cosine)
+
+
+def test_minillm_clip_leaves_no_long_term_gradient_where_it_binds(problem, exact):
+  """PPO's clip: where the future reward R ≥ 0 and w > 1 + ε, or R < 0 and w < 1 − ε, the
+  long-term term gives no gradient. Sample log-probs putting w = e on the tokens with R ≥ 0
+  and 1/e on the others make it bind on every token: the gradient is the single-step term's
+  alone (with w = 1 it is not). w is q/p̃ (the importance_weight metric's mean)."""
+  graphdef, student, teacher, rows = problem
+  objective, ctx = make_objective(minillm.MiniLLMObjective, 'reverse_kl', {}, problem)
+  row = {k: v[5:6] for k, v in rows.items()}
+  log_q, log_p = exact['log_q'][5:6], exact['log_p'][5:6]
+  future = minillm.future_rewards(log_p - log_q, jnp.ones((1, N)), True)
+
+  @jax.jit
+  def total_and_single_step_gradients(log_sample_1xN):
+    sample = {'logprobs_BxN': log_sample_1xN, 'mask_BxN': jnp.ones((1, N), jnp.int32)}
+    drawn = hooks.Drawn(row, {}, {}, sample)
+    prepared = objective.prepare(ctx, teacher, drawn, {})
+    loss = lambda p: objective.loss(ctx, p, None, prepared, drawn, {})
+    total = jax.grad(lambda p: loss(p)[0])(student)
+    single = jax.grad(lambda p: loss(p)[1]['single_step'][0] / prepared.norm)(student)
+    weight_sum, count = loss(student)[1]['importance_weight']
+    return _flat(total), _flat(single), weight_sum / count
+
+  w_1xN = jnp.exp(jnp.where(future >= 0, 1.0, -1.0))
+  total, single, mean_w = total_and_single_step_gradients(log_q - jnp.log(w_1xN))
+  np.testing.assert_allclose(total, single, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(mean_w, w_1xN.mean(), rtol=1e-5)
+  total, single, _ = total_and_single_step_gradients(log_q)
+  assert relative_error(total, single) > 1e-2

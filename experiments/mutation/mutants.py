@@ -239,7 +239,8 @@ MUTANTS = (
            'clipped = jnp.where(future_BxT >= 0, w_BxT > 1 + eps, w_BxT < 1 - eps)',
            'clipped = jnp.where(future_BxT >= 0, w_BxT < 1 - eps, w_BxT > 1 + eps)',
            ESTIMATORS, "PPO's clip applied on the wrong side of the ratio",
-           first=('tests/test_estimators.py', 'tests/test_algorithms.py::test_minillm')),
+           first=('tests/test_estimators.py::test_minillm_clip',
+                  'tests/test_estimators.py', 'tests/test_algorithms.py::test_minillm')),
     Mutant('minillm_reward_includes_current', 'distill/algorithms/minillm.py',
            'after = lambda x: jnp.flip(jnp.cumsum(jnp.flip(x, 1), axis=1), 1) - x   '
            '# Σ over t\' > t',
@@ -250,7 +251,8 @@ MUTANTS = (
            'w_BxT = jnp.where(mask_BxT > 0, jnp.exp(log_q_BxT - log_mix_BxT), 0.0)',
            'w_BxT = jnp.where(mask_BxT > 0, jnp.exp(log_mix_BxT - log_q_BxT), 0.0)',
            ESTIMATORS, 'importance weight p̃/q instead of q/p̃',
-           first=('tests/test_estimators.py', 'tests/test_algorithms.py::test_minillm')),
+           first=('tests/test_estimators.py::test_minillm_clip',
+                  'tests/test_estimators.py', 'tests/test_algorithms.py::test_minillm')),
 )
 
 # Survivors that behave exactly like the original code, with the reason (mutant id -> why).
