@@ -101,8 +101,8 @@ def evaluate(model: str, teacher_dir: str, reference: str) -> dict:
   return quantized.evaluate(args)
 
 
-COLUMNS = [('accuracy', 'jax', 'accuracy', '{:.3f}'), ('CE', 'jax', 'ce', '{:.4f}'),
-           ('KL to teacher', 'jax', 'kl_teacher', '{:.4f}'),
+COLUMNS = [('accuracy', 'jax', 'accuracy', '{:.3f}'), ('CE', 'jax', 'ce', '{:.3e}'),
+           ('KL to teacher', 'jax', 'kl_teacher', '{:.3e}'),
            ('KL to fp32 student', 'jax', 'kl_reference', '{:.2e}'),
            ('top-1 = fp32 student', 'jax', 'top1_reference', '{:.4f}'),
            ('llama.cpp max abs logit diff', 'llama_cpp', 'max_abs_logit_diff_vs_jax', '{:.1e}')]
@@ -141,9 +141,11 @@ def table(results: dict) -> str:
 
 def recovery(results: dict) -> str:
   """Markdown: per 4-bit type, what quantization costs the distilled student and what QAD wins
-  back against the control (the same extra steps without quantization), paired by seed."""
+  back against the control (the same extra steps without quantization), paired by seed; then
+  what quantizing costs each student against its own fp32 weights."""
   lines = ['| type | metric | distilled fp32 | distilled at type | control at type | '
-           'QAD at type | control - QAD (paired) |', '|---|---|---:|---:|---:|---:|---:|']
+           'QAD at type | control - QAD (paired) | per seed |',
+           '|---|---|---:|---:|---:|---:|---:|---|']
   for file_type in QAD_TYPES:
     students = [_by_seed(results, 'distilled', 'fp32 (JAX)'),
                 _by_seed(results, 'distilled', file_type),
@@ -155,8 +157,19 @@ def recovery(results: dict) -> str:
     for label, _, key, fmt in COLUMNS[:4]:
       values = [[s[seed]['jax'][key] for seed in seeds] for s in students]
       cells = [_mean_sd(v, fmt) for v in values]
-      cells.append(_mean_sd(np.subtract(values[2], values[3]), fmt))
+      differences = np.subtract(values[2], values[3])
+      cells += [_mean_sd(differences, fmt), ', '.join(fmt.format(d) for d in differences)]
       lines.append(f'| {file_type} | {label} | ' + ' | '.join(cells) + ' |')
+  lines += ['', '| type | student | KL to teacher: at type - its own fp32 weights | per seed |',
+            '|---|---|---:|---|']
+  for file_type in QAD_TYPES:
+    for student_name in ('distilled', 'finetuned', f'qad_{file_type}'):
+      quantized, fp32 = (_by_seed(results, student_name, f) for f in (file_type, 'fp32 (JAX)'))
+      seeds = sorted(set(quantized) & set(fp32))
+      if seeds:
+        costs = [quantized[s]['jax']['kl_teacher'] - fp32[s]['jax']['kl_teacher'] for s in seeds]
+        lines.append(f'| {file_type} | {student_name} | {_mean_sd(costs, "{:.2e}")} | ' +
+                     ', '.join(f'{c:.2e}' for c in costs) + ' |')
   return '\n'.join(lines)
 
 
