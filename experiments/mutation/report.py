@@ -79,6 +79,10 @@ def render() -> str:
   if EQUIVALENT:
     out += ['', '## Equivalent survivors', '']
     out += [f'- `{k}`: {why}' for k, why in EQUIVALENT.items()]
+    probe = RUNS / 'equivalence.txt'   # the recorded output of experiments.mutation.equivalence
+    if probe.exists():
+      out += ['', 'Digests of every value and gradient, without and with each mutant:', '',
+              '```', probe.read_text().rstrip(), '```']
   return '\n'.join(out) + '\n'
 
 
