@@ -129,9 +129,8 @@ def test_only_chunks_holding_loss_bearing_tokens_are_computed():
   """A block sum that is 1 per call counts the chunks computed: the 7 loss-bearing tokens of
   14 go first, so 2 chunks of 4 run (not 3: loss-bearing tokens last would straddle three),
   with and without a gradient taken."""
-  from distill.losses import chunked
   count = lambda h, w, shared, per_token, weights: jnp.sum(h) * 0.0 + 1.0
-  scan = lambda h: chunked.chunk_scan(count, h, STUDENT_W, None, (), WEIGHTS.reshape(-1), 4)
+  scan = lambda h: L.chunk_scan(count, h, STUDENT_W, None, (), WEIGHTS.reshape(-1), 4)
   h = STUDENT_H.reshape(-1, D_S)
   assert float(jax.jit(scan)(h)) == 2
   assert float(jax.jit(jax.value_and_grad(scan))(h)[0]) == 2
