@@ -75,7 +75,6 @@ def scored_rows(rows_cls: type[hooks.Rows], *, topk_scores: bool,
               ((TEACHER_LOGPROBS,) if tokens else ()))
     serves_teacher = True
     host_scored = True
-    scored_from = rows_cls
 
     def check(self) -> None:
       # gkd's seq_kd makes the teacher sample the off-policy rows.
