@@ -317,11 +317,21 @@ def _parse_completion_ids(choice, index: int, max_tokens: int) -> list[int]:
           for i, t in enumerate(tokens)]
 
 
+def check_tokenizer(client: TeacherClient, tokenizer, source: str) -> None:
+  """Refuses a server whose reported tokenizer is not `tokenizer` (named by `source`)."""
+  served = client.served
+  if served.tokenizer_fingerprint is not None and served.tokenizer_fingerprint != tokenizer.fingerprint():
+    raise TeacherServerError(f'teacher server {client.url} (model {served.name!r}) uses tokenizer '
+                             f'{served.tokenizer_fingerprint}, this run uses '
+                             f'{tokenizer.fingerprint()} ({source}): refused')
+
+
 def open_for_run(config, tokenizer, local_fingerprint: str | None,
                  url: str | None = None) -> TeacherClient:
   """The client of config.teacher.server, connected and checked against the run: the served
   model's fingerprint must be the local checkpoint's (local_fingerprint) and
-  config.teacher.fingerprint when set, and its tokenizer the run's; refused naming both.
+  config.teacher.fingerprint when set, and its tokenizer the run's (config.tokenizer; with
+  config.teacher.tokenizer, the rows hook checks that one); refused naming both.
   url: a server of config.teachers.more instead (its only model, its tokenizer checked)."""
   t = config.teacher
   client = TeacherClient(url or t.server, model='' if url else t.server_model,
@@ -337,9 +347,10 @@ def open_for_run(config, tokenizer, local_fingerprint: str | None,
     if expected and served.fingerprint != expected:
       raise TeacherServerError(f'{where} serves model fingerprint {served.fingerprint}, but '
                                f'{source} is {expected}: refused')
-  if served.tokenizer_fingerprint is not None and served.tokenizer_fingerprint != tokenizer.fingerprint():
-    raise TeacherServerError(f'{where} uses tokenizer {served.tokenizer_fingerprint}, this run '
-                             f'uses {tokenizer.fingerprint()} (config.tokenizer): refused')
+  # A teacher with its own tokenizer (config.teacher.tokenizer, cross-tokenizer methods only)
+  # is checked against that one by its rows hook (distill.algorithms.served).
+  if not t.tokenizer:
+    check_tokenizer(client, tokenizer, 'config.tokenizer')
   if served.fingerprint is None:
     print(f'warning: {where} reports no fingerprints (not distill.serve): its model and '
           'tokenizer are not checked against this run', flush=True)

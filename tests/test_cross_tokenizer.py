@@ -9,6 +9,7 @@ CharTokenizer.
 from __future__ import annotations
 
 import json
+import re
 import os
 
 import jax
@@ -138,6 +139,31 @@ def test_uld_matches_float64_reference():
   # Identical distributions up to a permutation of the vocabulary: zero distance.
   same = uld(jnp.asarray(teacher[..., ::-1]), jnp.asarray(teacher), jnp.asarray(mask))
   np.testing.assert_allclose(same, 0.0, atol=1e-6)
+
+
+def test_uld_topk_matches_float64_reference_and_uld_at_k_v_minus_1():
+  """The teacher as its k largest probabilities and the tail as one entry, sorted (the tail
+  may outrank some of the top-k), against the student's sorted distribution; at k = V − 1
+  the full ULD."""
+  rng = np.random.default_rng(1)
+  student, teacher = rng.normal(size=(3, 4, 7)) * 2, rng.normal(size=(3, 4, 11)) * 2
+  mask = rng.random((3, 4)) < 0.7
+  uld_topk = jax.jit(xtok.uld_topk)
+  log_p = np.log(_softmax64(teacher))
+  q = -np.sort(-_softmax64(student), -1)
+  for k in (2, 10):
+    top = -np.sort(-log_p, -1)[..., :k]
+    got = uld_topk(jnp.asarray(student, jnp.float32), jnp.asarray(top, jnp.float32),
+                   jnp.asarray(mask))
+    p_top = np.exp(top)
+    p = -np.sort(-np.concatenate([p_top, 1.0 - p_top.sum(-1, keepdims=True)], -1), -1)
+    width = max(q.shape[-1], p.shape[-1])
+    pad = lambda x: np.concatenate([x, np.zeros((3, 4, width - x.shape[-1]))], -1)
+    want = np.where(mask, np.abs(pad(q) - pad(p)).sum(-1), 0.0)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  full = jax.jit(xtok.uld)(jnp.asarray(student, jnp.float32), jnp.asarray(teacher, jnp.float32),
+                           jnp.asarray(mask))
+  np.testing.assert_allclose(got, full, rtol=1e-5, atol=1e-6)   # k = 10 = V − 1
 
 
 def _span_kl64(log_t, log_s):
@@ -305,3 +331,110 @@ def test_gold_objective_weights_spans_like_their_first_token(objective_inputs, q
   # wherever qwen-style's only merge ('34') does not occur.
   assert batch['span_ids'].max(1).min() >= 1 and metrics['spans'][0] == mask.sum()
   np.testing.assert_allclose(metrics['span_kl'][0], spans.sum(), rtol=1e-5)
+
+
+# ------------------------------------------------------------------ a served teacher
+
+
+@pytest.fixture(scope='module')
+def qwen_server(qwen_teacher, qwen_style):
+  """The qwen-style teacher behind distill.serve on loopback (its own tokenizer)."""
+  from distill.serve.engine import Engine
+  from tests.test_serve import start
+  server = start(Engine(qwen_teacher, tokenizer=qwen_style.folder), max_logprobs=32)
+  yield server
+  server.stop()
+
+
+def _served_config(qwen_style, url, **kwargs):
+  from tests.test_serve import FAST_RETRIES
+  config = _config('', qwen_style.folder, loss='gold')
+  config.teacher.server = url
+  config.teacher.client.update(FAST_RETRIES)
+  with config.unlocked():
+    config.algorithm.kwargs.update(kwargs)
+  return config
+
+
+def test_served_gold_span_term_equals_the_in_process_teachers(objective_inputs, qwen_server,
+                                                              qwen_style, tmp_path):
+  """The server scores the teacher-layout rows ahead of the step; the span term and CE from
+  its log-probs equal the float formula on the in-process teacher's logits."""
+  from distill.algorithms import hooks
+  from distill.models import sharded
+  from distill.train import run as run_lib
+  from distill.train import trainer
+  _, batch, (student, teacher), _ = objective_inputs
+  run = run_lib.build_run(_served_config(qwen_style, qwen_server.url, vocab_weight=0.0),
+                          str(tmp_path))
+  method = trainer.make_method(run)
+  served_batch = next(method.train_batches(run_lib.train_iterator(run)))
+  for field in ('tokens', 'teacher_tokens', 'span_ids', 'teacher_span_ids'):
+    np.testing.assert_array_equal(served_batch[field], batch[field])   # the same first batch
+  graphdef, _ = sharded.abstract_model(run.model_config)
+  params = sharded.init_params(run.model_config, jax.random.PRNGKey(0), run.mesh)
+  drawn = method.rows.draw(None, hooks.StepInputs(params, None, {}, None, 0),
+                           {k: jnp.asarray(v) for k, v in served_batch.items()})
+  ctx = hooks.StepContext(graphdef, None, None, None, chunk_size=0)
+  value, metrics = jax.jit(lambda p: method.objective.loss(ctx, p, None, None, drawn, {}))(params)
+  spans, vocab, mask, _ = xtok.span_terms(student, teacher, batch, num_spans=student.shape[1])
+  assert vocab is None and mask.sum() > 0
+  ce = losses.cross_entropy(student, batch['targets'], batch['loss_mask'])
+  want = (spans.sum() + 0.5 * ce.sum()) / batch['loss_mask'].sum()
+  np.testing.assert_allclose(value, want, rtol=1e-5)
+  np.testing.assert_allclose(metrics['span_kl'][0], spans.sum(), rtol=1e-5)
+
+
+def test_served_uld_at_k_v_minus_1_equals_the_in_process_teachers(objective_inputs, qwen_server,
+                                                                   qwen_style, tmp_path):
+  """ULD from the served top-k with the tail as one entry, at k = V_teacher − 1, equals the
+  in-process objective on the same batch."""
+  from distill.algorithms import hooks
+  from distill.models import sharded
+  from distill.train import run as run_lib
+  from distill.train import trainer
+  loss, batch, _, _ = objective_inputs
+  in_process, _ = loss('uld', 0)
+  run = run_lib.build_run(_served_config(qwen_style, qwen_server.url, loss='uld',
+                                         k=qwen_style.vocab_size - 1), str(tmp_path))
+  method = trainer.make_method(run)
+  served_batch = next(method.train_batches(run_lib.train_iterator(run)))
+  np.testing.assert_array_equal(served_batch['teacher_tokens'], batch['teacher_tokens'])
+  graphdef, _ = sharded.abstract_model(run.model_config)
+  params = sharded.init_params(run.model_config, jax.random.PRNGKey(0), run.mesh)
+  drawn = method.rows.draw(None, hooks.StepInputs(params, None, {}, None, 0),
+                           {k: jnp.asarray(v) for k, v in served_batch.items()})
+  # Chunked (the served top-k goes a chunk at a time), against the unchunked in-process value
+  # (chunked == unchunked in process: test_uld_objective_aligns_completions_and_chunks).
+  ctx = hooks.StepContext(graphdef, None, None, None, chunk_size=8)
+  served, _ = jax.jit(lambda p: method.objective.loss(ctx, p, None, None, drawn, {}))(params)
+  np.testing.assert_allclose(served, in_process, rtol=1e-5)
+
+
+@pytest.mark.parametrize('kwargs, problem', [
+    ({'loss': 'uld'}, "kwargs.k must be ≥ 1 for kwargs.loss='uld' with a served teacher"),
+    ({'vocab_weight': 0.0, 'k': 4}, "kwargs.k is unused by kwargs.loss='gold'"),
+    ({}, r'kwargs.vocab_weight is not served \(it is 1.0\): the vocab term')])
+def test_served_cross_tokenizer_refuses_what_it_cannot_compute_exactly(
+    qwen_server, qwen_style, tmp_path, kwargs, problem):
+  from distill.train import run as run_lib
+  from distill.train import trainer
+  run = run_lib.build_run(_served_config(qwen_style, qwen_server.url, **kwargs), str(tmp_path))
+  with pytest.raises(ValueError, match=problem):
+    trainer.make_method(run)
+
+
+def test_served_cross_tokenizer_checks_the_teachers_tokenizer(qwen_server, qwen_style,
+                                                             tmp_path):
+  """The server's tokenizer is compared with config.teacher.tokenizer, not the student's (the
+  student's, characters, differs from the server's in every served test above)."""
+  from distill.teacher_client import TeacherServerError
+  from distill.train import run as run_lib
+  from distill.train import trainer
+  config = _served_config(qwen_style, qwen_server.url, vocab_weight=0.0)
+  config.teacher.tokenizer = 'char'
+  run = run_lib.build_run(config, str(tmp_path))
+  served = re.escape(qwen_style.fingerprint())
+  with pytest.raises(TeacherServerError, match=f'uses tokenizer {served}, this run uses '
+                                               r'.* \(config.teacher.tokenizer\)'):
+    trainer.make_method(run)

@@ -22,6 +22,10 @@ completion tokens (config.loss.reduction). Metrics (gold): span_kl, vocab_diverg
 per span), spans (per step).
 
 kwargs: loss ('uld'), span_weight (1.0), vocab_weight (1.0; gold only).
+
+With config.teacher.server the rows bring the served teacher's scores of its own rows and
+the objective reads them instead of running the teacher (distill.algorithms.served.
+ServedCrossTokenizer: the span term exactly, ULD in its top-k form, the vocab term refused).
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ import jax.numpy as jnp
 
 from distill import losses
 from distill.algorithms import hooks
+from distill.algorithms.served_scoring import TEACHER_LOGPROBS
 from distill.data import cross_tokenizer as alignment
 from distill.losses import cross_tokenizer as xtok
 from distill.losses.chunked import logits_from_hidden
@@ -77,17 +82,20 @@ class CrossTokenizer(hooks.Objective):
   def loss(self, ctx, params, trainable, prepared, drawn, state):
     del trainable, state
     rows = drawn.rows
-    student_h, student_w = hooks.model_outputs(ctx.student_graphdef, params, rows)
-    teacher_rows = {'tokens': rows['teacher_tokens'], 'input_mask': rows['teacher_input_mask']}
-    teacher_h, teacher_w = jax.lax.stop_gradient(
-        hooks.model_outputs(ctx.teacher_graphdef, prepared, teacher_rows))
+    student = hooks.model_outputs(ctx.student_graphdef, params, rows)
     weights_BxT, normaliser = losses.token_weights(rows['loss_mask'], ctx.reduction)
     form = self._uld if self.options['loss'] == 'uld' else self._gold
-    loss_sum, metrics = form(ctx, (student_h, student_w), (teacher_h, teacher_w), rows,
+    loss_sum, metrics = form(ctx, student, self.teacher_outputs(ctx, prepared, rows), rows,
                              jax.lax.stop_gradient(weights_BxT))
     metrics = {'loss': (loss_sum, normaliser),
                'tokens': (rows['loss_mask'].sum(), jnp.float32(1.0)), **metrics}
     return loss_sum / jnp.maximum(normaliser, 1e-9), metrics
+
+  def teacher_outputs(self, ctx, teacher_params, rows):
+    """The teacher's (hidden states, output projection) on its own ids, run in the step."""
+    teacher_rows = {'tokens': rows['teacher_tokens'], 'input_mask': rows['teacher_input_mask']}
+    return jax.lax.stop_gradient(
+        hooks.model_outputs(ctx.teacher_graphdef, teacher_params, teacher_rows))
 
   def _ce(self, student_logits, targets, weights):
     ce_weight = self.config.loss.ce_weight
@@ -96,40 +104,49 @@ class CrossTokenizer(hooks.Objective):
     return ce_weight * losses.cross_entropy(student_logits, targets, weights != 0)
 
   def _uld(self, ctx, student, teacher, rows, weights_BxT):
-    """Σ w·(kd·ULD·[both completions] + ce·CE) over the student's completion tokens."""
-    (student_h, student_w), (teacher_h, teacher_w) = student, teacher
+    """Σ w·(kd·ULD·[both completions] + ce·CE) over the student's completion tokens. teacher
+    None: the teacher's top-k log-probs come in the rows (a served teacher's; uld_topk)."""
+    student_h, student_w = student
     temperature = self.config.loss.temperature
     cap = hooks.capped(lambda s, t: (s, t), ctx)
+    served = teacher is None
+    teacher_in, teacher_w = (rows['topk_logprobs'], None) if served else teacher
 
     def weighted_sum(h, w, teacher_w, per_token, weights):
-      teacher_h, targets, teacher_mask = per_token
-      s, t = cap(logits_from_hidden(h, w, self.vocab_sizes[0]),
-                 logits_from_hidden(teacher_h, teacher_w, self.vocab_sizes[1]))
+      teacher_in, targets, teacher_mask = per_token
       both = (weights != 0) & (teacher_mask != 0)
-      per = self.kd_scale * xtok.uld(s, t, both, temperature=temperature)
-      per = per + self._ce(s, targets, weights)
+      if served:   # teacher_in: its top-k log-probs at this column
+        s, _ = cap(logits_from_hidden(h, w, self.vocab_sizes[0]), None)
+        per = xtok.uld_topk(s, teacher_in, both, temperature=temperature)
+      else:        # teacher_in: its hidden states at this column
+        s, t = cap(logits_from_hidden(h, w, self.vocab_sizes[0]),
+                   logits_from_hidden(teacher_in, teacher_w, self.vocab_sizes[1]))
+        per = xtok.uld(s, t, both, temperature=temperature)
+      per = self.kd_scale * per + self._ce(s, targets, weights)
       return jnp.sum(jnp.where(weights != 0, weights * per, 0.0))
 
     flat = lambda x: x.reshape(-1, *x.shape[2:])
-    per_token = (flat(teacher_h), flat(rows['targets']), flat(rows['teacher_loss_mask']))
+    per_token = (flat(teacher_in), flat(rows['targets']), flat(rows['teacher_loss_mask']))
     args = (flat(student_h), student_w, teacher_w, per_token, flat(weights_BxT))
     if ctx.chunk_size:
       return losses.chunk_scan(weighted_sum, *args, ctx.chunk_size), {}
     return weighted_sum(*args), {}
 
   def _gold(self, ctx, student, teacher, rows, weights_BxT):
-    """Σ over shared spans (weighted like their first student token) + ce·CE."""
+    """Σ over shared spans (weighted like their first student token) + ce·CE. teacher None:
+    the teacher's log-probs of its targets come in the rows (a served teacher's)."""
     def logits(h_BxTxD, w_DxV, vocab_size):
       flat = logits_from_hidden(h_BxTxD.reshape(-1, h_BxTxD.shape[-1]), w_DxV, vocab_size)
       return flat.reshape(*h_BxTxD.shape[:2], -1)
 
-    s, t = hooks.capped(lambda s, t: (s, t), ctx)(logits(*student, self.vocab_sizes[0]),
-                                                 logits(*teacher, self.vocab_sizes[1]))
-    mapping = {}
+    s, t = hooks.capped(lambda s, t: (s, t), ctx)(
+        logits(*student, self.vocab_sizes[0]),
+        None if teacher is None else logits(*teacher, self.vocab_sizes[1]))
+    mapping = {} if teacher is not None else {'teacher_logprobs_BxT': rows[TEACHER_LOGPROBS]}
     if self.vocab_divergence is not None:
       student_ids, teacher_ids = self.shared_ids
-      mapping = dict(vocab_divergence=self.vocab_divergence, student_ids_K=student_ids,
-                     teacher_ids_K=teacher_ids)
+      mapping = dict(mapping, vocab_divergence=self.vocab_divergence,
+                     student_ids_K=student_ids, teacher_ids_K=teacher_ids)
     span_kl, vocab, mask, starts = xtok.span_terms(s, t, rows, num_spans=s.shape[1], **mapping)
     per_span = self.options['span_weight'] * span_kl
     if vocab is not None:

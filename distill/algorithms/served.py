@@ -6,6 +6,9 @@ With `teacher.server` set, the method's hooks are swapped for their served count
   topk_online     ServedOnlineTopK    each batch's top-k is fetched on the host before its
                                       step (LOOKAHEAD batches ahead, overlapping the steps)
   seqkd           ServedGenerations   the completions are the server's generations
+  cross_tokenizer ServedTeacherTokenRows  each batch's teacher-layout rows scored ahead (each
+                                      teacher target's log-prob, the top-k); the objective is
+                                      ServedCrossTokenizer (GOLD's span term, ULD's top-k form)
 The rows equal the in-process ones to float tolerance (top-k, greedy generations; sampled
 generations follow the same distribution, not the same draws, so their cache says so). A
 cache written from a distill.serve teacher carries that teacher's fingerprint, the same as
@@ -27,11 +30,11 @@ import time
 import numpy as np
 
 from distill import sampling
-from distill.algorithms import hooks, rollout, seqkd, served_scoring, topk
+from distill.algorithms import cross_tokenizer, hooks, rollout, seqkd, served_scoring, topk
 from distill.algorithms.cache_rows import CacheRows
 from distill.algorithms.hooks import ROW_KEYS
 from distill.data import teacher_cache
-from distill.teacher_client import TeacherUnavailable
+from distill.teacher_client import TeacherClient, TeacherUnavailable, check_tokenizer
 
 LOOKAHEAD = 2   # batches whose top-k is requested before their step
 
@@ -75,16 +78,80 @@ class ServedOnlineTopK(hooks.Rows):
     return _WithServedTopK(default, lambda batch: client.score_rows(batch, k)[:2])
 
 
+class ServedTeacherTokenRows(cross_tokenizer.TeacherTokenRows):
+  """Rows in both tokenizations with the served teacher's scores of its own rows (teacher
+  layout): the log-prob of each of its targets (TEACHER_LOGPROBS) and its top-k (kwarg k;
+  0: none), fetched on the host ahead like ServedOnlineTopK's."""
+  DEFAULTS = {'k': 0}
+  serves_teacher = True
+  fields = (cross_tokenizer.TeacherTokenRows.fields + topk.TOPK_FIELDS +
+            (served_scoring.TEACHER_LOGPROBS,))
+
+  def check(self) -> None:
+    client = self.run.teacher_server
+    if not isinstance(client, TeacherClient):
+      raise ValueError(f'algorithm {self.config.algorithm.name!r} takes one served teacher, '
+                       'not several (config.teachers.more)')
+    # The server tokenizes as the teacher does, not as the student.
+    check_tokenizer(client, self.run.teacher_tokenizer, 'config.teacher.tokenizer')
+    k = self.options['k']
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+      raise self.kwarg_error('k', f'must be an int ≥ 0, got {k!r}')
+    served_scoring.check_scoring(self, k, tokens=True)
+
+  def train_batches(self, default):
+    client, k = self.run.teacher_server, self.options['k']
+
+    def fetch(batch):
+      teacher_layout = {'tokens': batch['teacher_tokens'],
+                        'input_mask': batch['teacher_input_mask'],
+                        'loss_mask': batch['teacher_loss_mask']}
+      return client.score_rows(teacher_layout, k, tokens=True)
+    return _WithServedTopK(default, fetch,
+                           fields=topk.TOPK_FIELDS + (served_scoring.TEACHER_LOGPROBS,))
+
+
+class ServedCrossTokenizer(cross_tokenizer.CrossTokenizer):
+  """The cross-tokenizer losses from the served rows' scores; nothing runs the teacher in the
+  step. GOLD's span term is exact (a span's probability is the product of its tokens', whose
+  log-probs the server returns); ULD is its top-k form (distill.losses.cross_tokenizer.
+  uld_topk: exact at k = V_teacher − 1). GOLD's vocab term has no tested top-k form: refused."""
+
+  def check(self) -> None:
+    super().check()
+    if self.options['loss'] == 'gold' and self.options['vocab_weight']:
+      raise self.kwarg_error(
+          'vocab_weight', f'is not served (it is {self.options["vocab_weight"]}): the vocab '
+          'term compares the distributions over the shared vocabulary, of which a served teacher '
+          'gives only a top-k (a top-k form is not built). With config.teacher.server set '
+          'kwargs.vocab_weight=0 (the span term is exact from the served log-probs), or use '
+          'config.teacher.checkpoint')
+
+  def check_rows(self, rows) -> None:
+    k, loss = rows.options['k'], self.options['loss']
+    if loss == 'uld' and not k:
+      raise rows.kwarg_error('k', 'must be ≥ 1 for kwargs.loss=\'uld\' with a served teacher '
+                             '(ULD over its top-k and the tail; k = V_teacher − 1 is exact)')
+    if loss == 'gold' and k:
+      raise rows.kwarg_error('k', f'is unused by kwargs.loss=\'gold\' (it is {k}; the span '
+                             'term needs only the log-prob of each teacher token): leave it 0')
+
+  def teacher_outputs(self, ctx, teacher_params, rows):
+    del ctx, teacher_params, rows
+    return None
+
+
 class _WithServedTopK:
-  """A checkpointable batch iterator with the teacher's top-k added to each batch.
+  """A checkpointable batch iterator with the teacher's scores added to each batch: fetch(batch)
+  gives the arrays of `fields` (by default its top-k).
 
   get_state() is the source's state after the last batch handed out, not after the ones
   fetched ahead, so a resumed run sees the same batches as an uninterrupted one.
   take_timing() gives the seconds per batch the loop waited for answers and the requests took.
   """
 
-  def __init__(self, batches, fetch):
-    self.batches = batches
+  def __init__(self, batches, fetch, fields: tuple[str, ...] = topk.TOPK_FIELDS):
+    self.batches, self.fields = batches, fields
     self.waited_s, self.request_s, self.count = 0.0, 0.0, 0
 
     def timed_fetch(batch):
@@ -109,7 +176,7 @@ class _WithServedTopK:
     state, batch, future = self.pending.popleft()
     start = time.perf_counter()
     try:
-      (ids, logprobs), request_s = future.result()
+      scores, request_s = future.result()
     except TeacherUnavailable as e:
       self.pool.shutdown(wait=False, cancel_futures=True)
       raise served_scoring.stopped(e) from e
@@ -118,7 +185,7 @@ class _WithServedTopK:
     self.count += 1
     self.state = state
     self._fill()   # the next batch's request runs during this step
-    return {**batch, 'topk_ids': ids, 'topk_logprobs': logprobs}
+    return {**batch, **dict(zip(self.fields, scores, strict=True))}
 
   def take_timing(self) -> dict:
     """{teacher_s: seconds waited per batch, teacher_request_s: request seconds per batch}
@@ -185,8 +252,12 @@ class ServedGenerations(seqkd.TeacherGenerations):
 
 
 _SERVED = {topk.TeacherTopKCache: ServedTopKCache, topk.OnlineTopK: ServedOnlineTopK,
-           seqkd.TeacherGenerations: ServedGenerations}
-SERVED_METHODS = ('cached_teacher', 'topk_online', 'seqkd', 'gkd', 'distillm', 'onpolicy_rkl')
+           seqkd.TeacherGenerations: ServedGenerations,
+           cross_tokenizer.TeacherTokenRows: ServedTeacherTokenRows}
+# Objectives that read the served rows' fields instead of running the teacher in the step.
+_SERVED_OBJECTIVES = {cross_tokenizer.CrossTokenizer: ServedCrossTokenizer}
+SERVED_METHODS = ('cached_teacher', 'topk_online', 'seqkd', 'gkd', 'distillm', 'onpolicy_rkl',
+                  'cross_tokenizer')
 
 
 def hooks_for(spec):
@@ -194,7 +265,7 @@ def hooks_for(spec):
   served counterpart, or its sampled rows scored by the server between the step's two phases
   (distill.algorithms.served_scoring); refused for methods that cannot be served."""
   if spec.rows in _SERVED:
-    return _SERVED[spec.rows], spec.objective
+    return _SERVED[spec.rows], _SERVED_OBJECTIVES.get(spec.objective, spec.objective)
   if served_scoring.scores_rows_of(spec):
     return served_scoring.hooks_for(spec)
   raise ValueError(f'algorithm {spec.name!r} runs the teacher inside the training step on its '

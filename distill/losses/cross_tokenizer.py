@@ -9,6 +9,8 @@ and take the L1 distance between the two sorted vectors,
     uld_t = Σ_i | sort↓(q_t)_i − sort↓(p_t)_i |
 
 (the closed-form Wasserstein-1 distance under a uniform transport cost, as the paper derives).
+A teacher known only by its top-k (a server's) has the top-k form `uld_topk`: its k largest
+probabilities and the tail mass as one more entry, sorted (exact at k = V − 1).
 No vocabulary alignment is needed; token identity is ignored. Positions are aligned by order
 among the completion tokens, as in the paper's code: the k-th completion target of the
 student with the k-th of the teacher, for k below the shorter completion's length.
@@ -56,9 +58,36 @@ def uld(student_logits_NxVs, teacher_logits_NxVt, mask_N, *, temperature: float 
                      'axis but the vocabulary')
   valid = mask_N != 0
   q, p = (sorted_probs(x, valid, temperature) for x in (student_logits_NxVs, teacher_logits_NxVt))
-  width = max(q.shape[-1], p.shape[-1])
+  return _sorted_l1(q, p, valid)
+
+
+def _sorted_l1(q_sorted, p_sorted, valid):
+  """Σ_i |q_i − p_i| of two sorted vectors, the shorter padded with zeros; 0 where not valid."""
+  width = max(q_sorted.shape[-1], p_sorted.shape[-1])
   pad = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
-  return jnp.where(valid, jnp.abs(pad(q) - pad(p)).sum(-1), 0.0)
+  return jnp.where(valid, jnp.abs(pad(q_sorted) - pad(p_sorted)).sum(-1), 0.0)
+
+
+def uld_topk(student_logits_NxVs, teacher_topk_logprobs_NxK, mask_N, *,
+             temperature: float = 1.0):
+  """ULD against a teacher known only by its k largest log-probs (a served teacher's, at
+  temperature 1): its outcomes are those k tokens and the rest of the vocabulary as one
+  (the tail mass 1 − Σ top-k, clipped at 0), sorted, against the student's sorted
+  softmax(logits/τ). At k = V_teacher − 1 the tail is the last token's probability and this
+  is `uld` exactly; below, the tail entry stands for the tokens the server did not return.
+  """
+  if student_logits_NxVs.shape[:-1] != teacher_topk_logprobs_NxK.shape[:-1] or \
+      mask_N.shape != student_logits_NxVs.shape[:-1]:
+    raise ValueError(f'student logits {student_logits_NxVs.shape}, teacher top-k '
+                     f'{teacher_topk_logprobs_NxK.shape} and mask {mask_N.shape} must share '
+                     'every axis but the last')
+  valid = mask_N != 0
+  q = sorted_probs(student_logits_NxVs, valid, temperature)
+  top_NxK = jnp.where(valid[..., None], jnp.exp(teacher_topk_logprobs_NxK.astype(jnp.float32)),
+                      0.0)
+  tail_Nx1 = jnp.clip(1.0 - top_NxK.sum(-1, keepdims=True), 0.0, 1.0)
+  p = -jnp.sort(-jnp.concatenate([top_NxK, tail_Nx1], axis=-1), axis=-1)
+  return _sorted_l1(q, p, valid)
 
 
 def target_logprobs(logits_BxTxV, targets_BxT, valid_BxT):
@@ -108,25 +137,32 @@ def at_columns(x_BxTx, columns_BxS):
 
 
 def span_terms(student_logits_BxTxVs, teacher_logits_BxTxVt, rows: dict, *, num_spans: int,
-               vocab_divergence=None, student_ids_K=None, teacher_ids_K=None):
+               vocab_divergence=None, student_ids_K=None, teacher_ids_K=None,
+               teacher_logprobs_BxT=None):
   """Per span [B, S]: (span term, vocab term or None, mask of spans both sides have,
   first student column of each span).
 
   rows: the batch fields of distill.data.pipeline.teacher_fields (targets, teacher_targets,
   span_ids, teacher_span_ids). vocab_divergence: fn(student_BxSxK, teacher_BxSxK, mask_BxS)
   (distill.losses.get) over the shared tokens student_ids_K ↔ teacher_ids_K.
+  teacher_logprobs_BxT: the teacher's log p(teacher target) per column in place of its logits
+  (a served teacher's; teacher_logits_BxTxVt is then None and the vocab term cannot be had).
   """
   own, other = rows['span_ids'], rows['teacher_span_ids']
   log_s = span_sums(target_logprobs(student_logits_BxTxVs, rows['targets'], own >= 0),
                     own, num_spans)
-  log_t = span_sums(target_logprobs(teacher_logits_BxTxVt, rows['teacher_targets'], other >= 0),
-                    other, num_spans)
+  if teacher_logprobs_BxT is None:
+    teacher_logprobs_BxT = target_logprobs(teacher_logits_BxTxVt, rows['teacher_targets'],
+                                           other >= 0)
+  log_t = span_sums(jnp.where(other >= 0, teacher_logprobs_BxT, 0.0), other, num_spans)
   starts_s, starts_t = span_starts(own, num_spans), span_starts(other, num_spans)
   width = own.shape[1]
   mask = (starts_s < width) & (starts_t < width)
   spans = jnp.where(mask, span_kl(log_t, log_s), 0.0)
   if vocab_divergence is None:
     return spans, None, mask, starts_s
+  if teacher_logits_BxTxVt is None:
+    raise ValueError('the vocab term needs the teacher\'s logits, not only teacher_logprobs_BxT')
   student_K = at_columns(student_logits_BxTxVs, starts_s)[..., student_ids_K]
   teacher_K = at_columns(teacher_logits_BxTxVt, starts_t)[..., teacher_ids_K]
   return spans, vocab_divergence(student_K, teacher_K, mask), mask, starts_s
