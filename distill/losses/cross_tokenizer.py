@@ -51,14 +51,16 @@ def uld(student_logits_NxVs, teacher_logits_NxVt, mask_N, *, temperature: float 
 
   Any leading shape; the vocabularies may differ in size. 0 where mask_N is 0.
   """
-  if student_logits_NxVs.shape[:-1] != teacher_logits_NxVt.shape[:-1] or \
-      mask_N.shape != student_logits_NxVs.shape[:-1]:
-    raise ValueError(f'student logits {student_logits_NxVs.shape}, teacher logits '
-                     f'{teacher_logits_NxVt.shape} and mask {mask_N.shape} must share every '
-                     'axis but the vocabulary')
+  _check_leading_axes(student_logits_NxVs, teacher_logits_NxVt, mask_N, 'teacher logits')
   valid = mask_N != 0
   q, p = (sorted_probs(x, valid, temperature) for x in (student_logits_NxVs, teacher_logits_NxVt))
   return _sorted_l1(q, p, valid)
+
+
+def _check_leading_axes(student_NxVs, teacher_NxW, mask_N, teacher_name: str) -> None:
+  if student_NxVs.shape[:-1] != teacher_NxW.shape[:-1] or mask_N.shape != student_NxVs.shape[:-1]:
+    raise ValueError(f'student logits {student_NxVs.shape}, {teacher_name} {teacher_NxW.shape} '
+                     f'and mask {mask_N.shape} must share every axis but the last')
 
 
 def _sorted_l1(q_sorted, p_sorted, valid):
@@ -76,11 +78,7 @@ def uld_topk(student_logits_NxVs, teacher_topk_logprobs_NxK, mask_N, *,
   softmax(logits/τ). At k = V_teacher − 1 the tail is the last token's probability and this
   is `uld` exactly; below, the tail entry stands for the tokens the server did not return.
   """
-  if student_logits_NxVs.shape[:-1] != teacher_topk_logprobs_NxK.shape[:-1] or \
-      mask_N.shape != student_logits_NxVs.shape[:-1]:
-    raise ValueError(f'student logits {student_logits_NxVs.shape}, teacher top-k '
-                     f'{teacher_topk_logprobs_NxK.shape} and mask {mask_N.shape} must share '
-                     'every axis but the last')
+  _check_leading_axes(student_logits_NxVs, teacher_topk_logprobs_NxK, mask_N, 'teacher top-k')
   valid = mask_N != 0
   q = sorted_probs(student_logits_NxVs, valid, temperature)
   top_NxK = jnp.where(valid[..., None], jnp.exp(teacher_topk_logprobs_NxK.astype(jnp.float32)),
