@@ -320,9 +320,10 @@ def _parse_completion_ids(choice, index: int, max_tokens: int) -> list[int]:
 def check_tokenizer(client: TeacherClient, tokenizer, source: str) -> None:
   """Refuses a server whose reported tokenizer is not `tokenizer` (named by `source`)."""
   served = client.served
-  if served.tokenizer_fingerprint is not None and served.tokenizer_fingerprint != tokenizer.fingerprint():
+  fingerprint = served.tokenizer_fingerprint
+  if fingerprint is not None and fingerprint != tokenizer.fingerprint():
     raise TeacherServerError(f'teacher server {client.url} (model {served.name!r}) uses tokenizer '
-                             f'{served.tokenizer_fingerprint}, this run uses '
+                             f'{fingerprint}, this run uses '
                              f'{tokenizer.fingerprint()} ({source}): refused')
 
 

@@ -216,7 +216,8 @@ class ServedGenerations(seqkd.TeacherGenerations):
                        'config.loss.kd_weight=0, or also set config.teacher.checkpoint for '
                        'word-level KD (the step runs that teacher)')
     self.sampling = rollout.sampling_config(self)
-    if served.max_model_len is not None and c.task.prompt_len + c.task.completion_len > served.max_model_len:
+    seq_len = c.task.prompt_len + c.task.completion_len
+    if served.max_model_len is not None and seq_len > served.max_model_len:
       raise ValueError(f'algorithm seqkd: prompt_len + completion_len exceeds the served '
                        f'teacher\'s max_model_len {served.max_model_len}')
     CacheRows.check(self)
@@ -236,7 +237,8 @@ class ServedGenerations(seqkd.TeacherGenerations):
 
     def produce(start: int, stop: int):
       rows = teacher_cache.example_rows(self.run, start, stop, stop - start)
-      prompt_BxP, prompt_mask_BxP = rows['tokens'][:, :prompt_len], rows['input_mask'][:, :prompt_len]
+      prompt_BxP = rows['tokens'][:, :prompt_len]
+      prompt_mask_BxP = rows['input_mask'][:, :prompt_len]
       completions = client.generate(
           [p[m != 0].tolist() for p, m in zip(prompt_BxP, prompt_mask_BxP)],
           max_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
