@@ -4,7 +4,8 @@ A process killed while it writes a file in place leaves it torn: readers then ne
 repair rules. Written here, a record is either the previous one or the new one: the text goes
 to `PATH.tmp` in the same directory (a rename is atomic only within one filesystem), is flushed
 and fsynced, then renamed over `PATH`; the directory is fsynced so the rename survives a crash
-of the host too. A stray `PATH.tmp` left by a kill is overwritten by the next write.
+of the host too. A stray `PATH.tmp` left by a kill is overwritten by the next write. One
+writer per path: in a job of several processes, process 0 writes the records.
 """
 from __future__ import annotations
 

@@ -65,8 +65,10 @@ def run(main_fn=main):
     if os.environ.get('DISTILL_TRACEBACK'):
       raise
     # Config and input errors are for the user to fix: the message, not a traceback.
-    print(f'error: {e.args[0] if e.args else e}\n(set DISTILL_TRACEBACK=1 for the traceback)',
-          file=sys.stderr)
+    # One-argument errors print their message bare (a KeyError's without quotes); an OSError's
+    # args are (errno, text), so its str names the file.
+    message = e.args[0] if len(e.args) == 1 else e
+    print(f'error: {message}\n(set DISTILL_TRACEBACK=1 for the traceback)', file=sys.stderr)
     sys.exit(2)
 
 

@@ -9,6 +9,7 @@ import json
 import math
 import os
 
+import jax
 from jax.sharding import Mesh
 
 from distill import atomic_file, teacher_client, teacher_pool
@@ -25,9 +26,12 @@ PARAMS_DIR = 'params'
 
 
 def export_final(workdir: str, model_config: ModelConfig, params):
+  """Every process joins the params save; process 0 alone writes model.json (a record has one
+  writer: two processes renaming the same temp file race, and one finds it gone)."""
   checkpoint.save_params(os.path.join(workdir, PARAMS_DIR), params)
-  atomic_file.write_json(os.path.join(workdir, MODEL_FILE), dataclasses.asdict(model_config),
-                         indent=1)
+  if jax.process_index() == 0:
+    atomic_file.write_json(os.path.join(workdir, MODEL_FILE), dataclasses.asdict(model_config),
+                           indent=1)
 
 
 def has_export(workdir: str) -> bool:
