@@ -105,25 +105,27 @@ parquet_rows = (st.lists(st.fixed_dictionaries({'prompt': st.none() | _text | st
                 st.lists(_well_formed, min_size=1, max_size=5))
 
 
-def _encode_all(source, where):
-  """Every train example through the tokenizer, as the pipeline does."""
+def _read_all(source_class, path: str, location: str) -> str:
+  """ACCEPTED when every train example of the file goes through the tokenizer, as the pipeline
+  does; CLEAR_ERROR when it stops with a user error naming `location` (the file and its line
+  or row) or an empty file."""
   from distill.data import pipeline
-  for i in range(source.num_examples('train')):
-    pipeline.encode_example(CharTokenizer(), *source.example('train', i), prompt_len=64,
-                            completion_len=64, name=where(i))
+  try:
+    source = source_class(path)
+    for i in range(source.num_examples('train')):
+      pipeline.encode_example(CharTokenizer(), *source.example('train', i), prompt_len=64,
+                              completion_len=64, name=source.where(i))
+  except USER_ERRORS as e:
+    assert location in str(e) or 'no examples in' in str(e), str(e)
+    return CLEAR_ERROR
+  return ACCEPTED
 
 
 def check_jsonl_lines(lines: list[str], directory: str) -> str:
   path = os.path.join(directory, 'data.jsonl')
   with open(path, 'w', encoding='utf-8', errors='surrogatepass') as f:
     f.write('\n'.join(line.replace('\n', ' ').replace('\r', ' ') for line in lines) + '\n')
-  try:
-    source = sources.JsonlSource(path)
-    _encode_all(source, source.where)
-  except USER_ERRORS as e:
-    assert f'{path}:' in str(e) or 'no examples in' in str(e), str(e)
-    return CLEAR_ERROR
-  return ACCEPTED
+  return _read_all(sources.JsonlSource, path, f'{path}:')
 
 
 def check_parquet_rows(rows: list[dict], directory: str) -> str:
@@ -135,10 +137,4 @@ def check_parquet_rows(rows: list[dict], directory: str) -> str:
   except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
     return UNBUILDABLE   # mixed column types: pyarrow cannot build this table
   pq.write_table(table, path)
-  try:
-    source = sources.ParquetSource(path)
-    _encode_all(source, source.where)
-  except USER_ERRORS as e:
-    assert f'{path} row ' in str(e) or 'no examples in' in str(e), str(e)
-    return CLEAR_ERROR
-  return ACCEPTED
+  return _read_all(sources.ParquetSource, path, f'{path} row ')
